@@ -1,0 +1,1 @@
+"""ml_collections config files: `python -m launch.train --config=configs/<name>.py`."""

@@ -1,0 +1,81 @@
+"""Defaults shared by every config. Each config file starts from `get_base_config()`."""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "synthetic"  # synthetic | movielens_100k | logs
+  d.data_dir = ""  # where TFDS builds go; "" means <workdir>/data
+  d.source_dir = ""  # movielens_100k: the GroupLens ml-100k directory
+  d.synthetic = ml_collections.ConfigDict(dict(
+      num_users=4000, num_items=2000, num_interactions=200_000, num_categories=40,
+      num_tags=60, latent_dim=8, sharpness=4.0, popularity_exponent=0.8, min_per_user=5,
+      seed=0,
+  ))
+  d.logs = ml_collections.ConfigDict(dict(
+      files=(), format="csv",  # csv | tsv | parquet
+      user_id="user_id", item_id="item_id", timestamp="timestamp", weight="",
+      user_categorical=(), user_multi=(), user_numeric=(),
+      item_categorical=(), item_multi=(), item_numeric=(),
+      multi_separator="|",
+  ))
+  d.split = ml_collections.ConfigDict(dict(
+      kind="per_user_ratio",  # random | per_user_ratio | temporal_last_n | temporal_global
+      ratios=(0.8, 0.1, 0.1), last_n=1, last_n_validation=1, time_quantiles=(0.8, 0.9), seed=0,
+  ))
+  d.history_length = 20
+  d.num_oov_buckets = 1
+  d.min_count = 1
+  d.max_bag_length = 16
+  d.weight_column = ""  # an interaction column to use as per-example weight, e.g. "rating"
+  d.worker_count = 0  # grain worker processes; 0 reads in the training process
+  d.prefetch_buffer_size = 2
+
+  c.model = m = ml_collections.ConfigDict()
+  m.query_features = ("user_id", "history")  # names from the dataset schema (user side)
+  m.item_features = ("item_id",)  # (item side)
+  m.id_embedding_dim = 32
+  m.feature_embedding_dim = 16
+  m.hidden_dims = (128,)
+  m.output_dim = 64  # 0: no output projection (the concatenated embeddings are the output)
+  m.l2_normalize = True
+  m.temperature = 0.1
+  m.embedding_init_scale = 0.05  # uniform(-s, s), as Keras' default Embedding initializer
+
+  c.loss = l = ml_collections.ConfigDict()
+  l.remove_accidental_hits = True
+  l.logq_correction = False
+  l.num_uniform_negatives = 0  # extra negatives sampled uniformly from the catalog (mixed negatives)
+  l.global_negatives = True  # in-batch negatives from the whole global batch, not the local shard
+  l.reduction = "mean"  # mean | sum (sum is what TFRS's Retrieval task uses)
+  l.row_chunk = 512  # query rows per block of the blockwise softmax
+
+  c.optimizer = o = ml_collections.ConfigDict()
+  o.name = "adam"  # adam | adamw | adagrad | sgd
+  o.learning_rate = 1e-3
+  o.schedule = "constant"  # constant | cosine | warmup_cosine
+  o.warmup_steps = 0
+  o.weight_decay = 0.0
+  o.grad_clip_norm = 0.0  # 0: no clipping
+  o.adagrad_initial_accumulator = 0.1
+
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 1024  # global batch
+  t.num_epochs = 10.0
+  t.num_steps = -1  # > 0 overrides num_epochs
+  t.log_every_steps = 20
+  t.checkpoint_every_steps = 200
+  t.max_checkpoints_to_keep = 3
+  t.eval_every_steps = 0  # 0: no periodic validation
+
+  c.eval = e = ml_collections.ConfigDict()
+  e.split = "test"
+  e.ks = (10, 50, 100)
+  e.user_batch_size = 512
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
+  return c

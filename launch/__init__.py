@@ -1,0 +1,1 @@
+"""Entry points: python -m launch.{run,prepare_data,train,evaluate}."""

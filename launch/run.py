@@ -1,0 +1,42 @@
+"""The main job: prepare data -> train -> evaluate, then print the metrics and the artifacts.
+
+  python -m launch.run --workdir=runs/default                      # built-in synthetic data
+  python -m launch.run --config=configs/movielens_100k.py --config.data.source_dir=DIR --workdir=W
+"""
+
+import os
+
+from absl import app
+from ml_collections import config_flags
+
+from launch import common
+from two_tower.evaluation import evaluate_workdir
+from two_tower.train import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Config file.")
+_WORKDIR = common.define_workdir()
+
+
+def run(config, workdir: str) -> None:
+  summary = train_and_evaluate(config, workdir)
+  metrics = evaluate_workdir(workdir)
+  common.print_json("train summary", summary)
+  common.print_json(f"{config.eval.split} metrics", metrics)
+  print("artifacts:")
+  for name, path in (
+      ("data", summary["data"]),
+      ("checkpoint", summary["checkpoint"]),
+      ("train summary", os.path.join(workdir, "train_summary.json")),
+      ("metrics", os.path.join(workdir, "eval", "metrics.json")),
+      ("tensorboard", os.path.join(workdir, "tensorboard")),
+  ):
+    print(f"  {name:14s} {path}")
+
+
+def main(argv):
+  del argv
+  common.run_cli(lambda: run(_CONFIG.value, _WORKDIR.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Data pipelines: raw sources -> splits and vocabularies -> TFDS ArrayRecord -> grain loaders."""

@@ -1,0 +1,349 @@
+"""Prepares a dataset: raw source -> splits -> vocabularies -> TFDS ArrayRecord + feature tables.
+
+One TFDS builder per source (`synthetic`, `movielens_100k`, `logs`). Each build lives in
+`<data_dir>/<source>/<config hash>/1.0.0/`: the config hash covers every setting that changes the
+data, so a changed setting means a new build and an unchanged one reuses the old. TFDS builds into
+an `incomplete.*` directory and renames it when done, so a crash never leaves a build that looks
+complete; the feature tables are written inside that same directory.
+
+What a build holds:
+  * ArrayRecord splits `train` / `validation` / `test`: one example per interaction with
+    `user_index`, `item_index` (rows of the user and item tables), `timestamp`, `weight` and
+    `history` (the user's most recent training items before this one, item-ID vocabulary indices).
+  * `tables/{user,item}.<feature>.npy`: one row per user / item of the catalog, with vocabulary
+    indices, padded token bags, standardised numbers, the item sampling probability on the training
+    split, each user's latest training history, and the original IDs (`raw_id`).
+  * `pairs/<split>.npz`: (user_index, item_index) of every interaction, for fast evaluation.
+  * `schema.json`: features, vocabulary sizes and counts; `planted.npz` for the synthetic source.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from pipelines import sources, splits, synthetic
+from pipelines.schema import PAD, Feature, Schema
+from pipelines.sources import DataError, RawData
+from pipelines.vocab import Vocabulary
+
+VERSION = "1.0.0"
+# The parts of config.data that change the prepared data (the rest only changes how it is read).
+_BUILD_KEYS = ("source", "source_dir", "synthetic", "logs", "split", "history_length",
+               "num_oov_buckets", "min_count", "max_bag_length", "weight_column")
+
+
+def example_features(history_length: int) -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({
+      "user_index": np.int32,
+      "item_index": np.int32,
+      "timestamp": np.int64,
+      "weight": np.float32,
+      "history": tfds.features.Tensor(shape=(history_length,), dtype=np.int32),
+  })
+
+
+def build_settings(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  settings = {k: data_cfg[k] for k in _BUILD_KEYS}
+  settings = json.loads(json.dumps(ml_collections.ConfigDict(settings).to_dict(), sort_keys=True))
+  if settings["source"] != "synthetic":
+    settings.pop("synthetic")
+  if settings["source"] != "logs":
+    settings.pop("logs")
+  if settings["source"] == "movielens_100k":
+    settings["source_dir"] = os.path.abspath(settings["source_dir"]) if settings["source_dir"] else ""
+  return settings
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+class _Catalog:
+  """Exact ID -> row lookup for the user or item table."""
+
+  def __init__(self, ids: np.ndarray, side: str):
+    ids = np.asarray(ids)
+    uniq, first = np.unique(ids, return_index=True)
+    if len(uniq) != len(ids):
+      raise DataError(f"the {side} table lists some {side} IDs twice: each {side} needs one row")
+    self._sorted, self._rows, self.side = uniq, first, side
+
+  def rows(self, ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids).astype(self._sorted.dtype)
+    pos = np.searchsorted(self._sorted, ids).clip(0, len(self._sorted) - 1)
+    unknown = self._sorted[pos] != ids
+    if unknown.any():
+      examples = np.unique(ids[unknown])[:5].tolist()
+      raise DataError(
+          f"{unknown.sum()} interactions reference {self.side} IDs that are not in the {self.side} "
+          f"table (e.g. {examples}): add those {self.side}s to the table or drop the interactions"
+      )
+    return self._rows[pos].astype(np.int32)
+
+
+@dataclasses.dataclass
+class _Prepared:
+  schema: Schema
+  tables: dict[str, np.ndarray]  # "user.<name>" / "item.<name>"
+  user: np.ndarray  # per interaction: user row
+  item: np.ndarray  # per interaction: item row
+  timestamp: np.ndarray
+  weight: np.ndarray
+  split: np.ndarray
+  train_order: np.ndarray  # training interactions sorted by (user, time)
+  train_user_start: np.ndarray  # per position of train_order: where that user's run starts
+  item_id_index: np.ndarray  # item row -> item-ID vocabulary index
+
+
+def _feature_table(raw_col, entity_in_train: np.ndarray, kind: str, cfg, name: str):
+  """Builds one feature column from the training entities' values; returns (table, Feature args)."""
+  if kind == "numeric":
+    col = np.asarray(raw_col, np.float64)
+    train_vals = col[entity_in_train]
+    mean = float(train_vals.mean()) if len(train_vals) else 0.0
+    std = float(train_vals.std()) if len(train_vals) else 1.0
+    return ((col - mean) / (std if std > 0 else 1.0)).astype(np.float32), dict(vocab_size=0, length=1)
+  if kind == "multi":
+    bags = list(raw_col)
+    train_tokens = [t for r in np.flatnonzero(entity_in_train) for t in bags[r]]
+    vocab = Vocabulary.build(np.asarray(train_tokens if train_tokens else [""]),
+                             num_oov=cfg.num_oov_buckets, min_count=cfg.min_count)
+    length = max(1, min(cfg.max_bag_length, max((len(b) for b in bags), default=1)))
+    return vocab.lookup_bags(bags, length), dict(vocab_size=vocab.size, length=length)
+  col = np.asarray(raw_col).astype(str)
+  vocab = Vocabulary.build(col[entity_in_train], num_oov=cfg.num_oov_buckets, min_count=cfg.min_count)
+  return vocab.lookup(col), dict(vocab_size=vocab.size, length=1)
+
+
+def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict) -> _Prepared:
+  """Everything except writing: split, vocabularies, tables and history order."""
+  inter = raw.interactions
+  user_catalog = _Catalog(raw.users["user_id"], "user")
+  item_catalog = _Catalog(raw.items["item_id"], "item")
+  user = user_catalog.rows(inter["user_id"])
+  item = item_catalog.rows(inter["item_id"])
+  timestamp = np.asarray(inter["timestamp"], np.int64)
+  weight = np.asarray(inter["weight"], np.float32)
+  if cfg.weight_column:
+    if cfg.weight_column not in inter:
+      raise DataError(f"data.weight_column={cfg.weight_column!r} is not a column of this source; "
+                      f"available: {sorted(k for k in inter if k not in ('user_id', 'item_id'))}")
+    weight = np.asarray(inter[cfg.weight_column], np.float32)
+  split = splits.assign(user, timestamp, cfg.split)
+  train = split == splits.TRAIN
+  if not train.any():
+    raise DataError("the split left no training interactions: check data.split")
+  num_users, num_items = len(raw.users["user_id"]), len(raw.items["item_id"])
+  user_in_train = np.bincount(user[train], minlength=num_users) > 0
+  item_in_train = np.bincount(item[train], minlength=num_items) > 0
+
+  tables: dict[str, np.ndarray] = {}
+  features: list[Feature] = []
+  for side, raw_table, in_train in (("user", raw.users, user_in_train), ("item", raw.items, item_in_train)):
+    id_vocab = Vocabulary.build(np.asarray(raw_table[f"{side}_id"])[in_train],
+                                num_oov=cfg.num_oov_buckets)
+    tables[f"{side}.{side}_id"] = id_vocab.lookup(np.asarray(raw_table[f"{side}_id"]))
+    features.append(Feature(f"{side}_id", side, "id", vocab_size=id_vocab.size))
+    tables[f"{side}.raw_id"] = np.asarray(raw_table[f"{side}_id"])
+    for f in raw.features:
+      if f.side != side:
+        continue
+      table, sizes = _feature_table(raw_table[f.name], in_train, f.kind, cfg, f.name)
+      tables[f"{side}.{f.name}"] = table
+      features.append(Feature(f.name, side, f.kind, **sizes))
+  item_id_index = tables["item.item_id"]
+  train_counts = np.bincount(item[train], minlength=num_items)
+  tables["item.sampling_prob"] = (train_counts / train_counts.sum()).astype(np.float32)
+
+  # Training interactions by (user, time): the source of every history bag.
+  train_idx = np.flatnonzero(train)
+  train_order = train_idx[np.lexsort((train_idx, timestamp[train_idx], user[train_idx]))]
+  sorted_user = user[train_order]
+  starts = np.r_[0, np.flatnonzero(sorted_user[1:] != sorted_user[:-1]) + 1]
+  sizes = np.diff(np.r_[starts, len(train_order)])
+  train_user_start = np.repeat(starts, sizes)
+  length = cfg.history_length
+  if length < 1:
+    raise ValueError("data.history_length must be >= 1")
+  # Each user's latest `length` training items: the history used to query for that user.
+  user_history = np.full((num_users, length), PAD, np.int32)
+  ends = starts + sizes
+  sorted_items = item_id_index[item[train_order]]
+  for lag in range(length):
+    pos = ends - 1 - lag
+    ok = pos >= starts
+    user_history[sorted_user[starts[ok]], lag] = sorted_items[pos[ok]]
+  tables["user.history"] = user_history
+  features.append(Feature("history", "user", "history",
+                          vocab_size=next(f.vocab_size for f in features if f.name == "item_id"),
+                          length=length))
+  split_sizes = {name: int((split == k).sum()) for k, name in enumerate(splits.SPLIT_NAMES)}
+  schema = Schema(tuple(features), num_users, num_items, length, split_sizes)
+  return _Prepared(schema, tables, user, item, timestamp, weight, split, train_order,
+                   train_user_start, item_id_index)
+
+
+def _examples(prep: _Prepared, split_id: int, block: int = 65536) -> Iterator[tuple[int, dict]]:
+  length = prep.schema.history_length
+  if split_id == splits.TRAIN:
+    # History of a training interaction: the same user's training items strictly before it.
+    order = prep.train_order
+    sorted_items = prep.item_id_index[prep.item[order]]
+    lags = np.arange(1, length + 1)
+    for lo in range(0, len(order), block):
+      pos = np.arange(lo, min(lo + block, len(order)))
+      src = pos[:, None] - lags[None, :]
+      valid = src >= prep.train_user_start[pos][:, None]
+      hist = np.where(valid, sorted_items[np.maximum(src, 0)], PAD).astype(np.int32)
+      for j, idx in enumerate(order[pos].tolist()):
+        yield idx, _example(prep, idx, hist[j])
+  else:
+    user_history = prep.tables["user.history"]
+    for idx in np.flatnonzero(prep.split == split_id).tolist():
+      yield idx, _example(prep, idx, user_history[prep.user[idx]])
+
+
+def _example(prep: _Prepared, idx: int, history: np.ndarray) -> dict:
+  return dict(user_index=int(prep.user[idx]), item_index=int(prep.item[idx]),
+              timestamp=int(prep.timestamp[idx]), weight=float(prep.weight[idx]), history=history)
+
+
+def _write_side_files(prep: _Prepared, path: str, planted) -> None:
+  os.makedirs(os.path.join(path, "tables"), exist_ok=True)
+  os.makedirs(os.path.join(path, "pairs"), exist_ok=True)
+  for key, value in prep.tables.items():
+    np.save(os.path.join(path, "tables", f"{key}.npy"), value, allow_pickle=False)
+  for k, name in enumerate(splits.SPLIT_NAMES):
+    mask = prep.split == k
+    np.savez(os.path.join(path, "pairs", f"{name}.npz"), user=prep.user[mask], item=prep.item[mask])
+  if planted is not None:
+    planted.save(os.path.join(path, "planted.npz"))
+  with open(os.path.join(path, "schema.json"), "w") as f:
+    f.write(prep.schema.to_json())
+
+
+# ----------------------------------------------------------------------------- TFDS builders
+
+
+@dataclasses.dataclass
+class DataConfig(tfds.core.BuilderConfig):
+  settings: str = "{}"  # JSON of build_settings(config.data)
+
+
+class _InteractionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Interactions of one source as ArrayRecord, plus the catalog's feature tables."""
+
+  VERSION = tfds.core.Version(VERSION)
+
+  @property
+  def _settings(self) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(json.loads(self.builder_config.settings))
+
+  @abc.abstractmethod
+  def _load(self, cfg: ml_collections.ConfigDict) -> tuple[RawData, Any]:
+    """Returns the raw data and, for synthetic data, its planted parameters."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.__doc__,
+        features=example_features(self._settings.history_length))
+
+  def _split_generators(self, dl_manager):
+    cfg = self._settings
+    raw, planted = self._load(cfg)
+    prep = prepare_arrays(raw, cfg)
+    _write_side_files(prep, self.data_dir, planted)  # self.data_dir is the incomplete.* directory
+    return {name: _examples(prep, k) for k, name in enumerate(splits.SPLIT_NAMES)
+            if prep.schema.split_sizes[name] > 0}
+
+  def _generate_examples(self, *args):  # the generators come from _split_generators
+    raise NotImplementedError
+
+
+class Synthetic(_InteractionBuilder, skip_registration=True):
+  """Synthetic interactions with planted preferences (the built-in default data)."""
+
+  name = "synthetic"
+
+  def _load(self, cfg):
+    return synthetic.generate(cfg.synthetic)
+
+
+class MovieLens100K(_InteractionBuilder, skip_registration=True):
+  """MovieLens-100K read from a local GroupLens `ml-100k` directory."""
+
+  name = "movielens_100k"
+
+  def _load(self, cfg):
+    return sources.movielens_100k(cfg.source_dir), None
+
+
+class InteractionLogs(_InteractionBuilder, skip_registration=True):
+  """Interaction logs from CSV, TSV or Parquet files described by config.data.logs."""
+
+  name = "logs"
+
+  def _load(self, cfg):
+    return sources.interaction_logs(cfg.logs), None
+
+
+BUILDERS = {b.name: b for b in (Synthetic, MovieLens100K, InteractionLogs)}
+
+
+# ----------------------------------------------------------------------------- reading a build
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+  """A finished build: its schema, tables and splits."""
+
+  path: str
+  builder: tfds.core.DatasetBuilder
+
+  @property
+  def schema(self) -> Schema:
+    with open(os.path.join(self.path, "schema.json")) as f:
+      return Schema.from_json(f.read())
+
+  def table(self, side: str, name: str) -> np.ndarray:
+    return np.load(os.path.join(self.path, "tables", f"{side}.{name}.npy"), mmap_mode="r")
+
+  def tables(self, side: str, names) -> dict[str, np.ndarray]:
+    return {n: np.asarray(self.table(side, n)) for n in names}
+
+  def pairs(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(os.path.join(self.path, "pairs", f"{split}.npz")) as z:
+      return z["user"], z["item"]
+
+  def record_source(self, split: str):
+    """Random-access source of the split's serialized examples (bytes)."""
+    return self.builder.as_data_source(split).data_source
+
+  def planted(self) -> synthetic.Planted:
+    return synthetic.Planted.load(os.path.join(self.path, "planted.npz"))
+
+
+def resolve_data_dir(data_cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  return data_cfg.data_dir or os.path.join(workdir, "data")
+
+
+def prepare(data_cfg: ml_collections.ConfigDict, data_dir: str) -> PreparedData:
+  """Builds the dataset described by `data_cfg` (config.data) unless that build already exists."""
+  if data_cfg.source not in BUILDERS:
+    raise DataError(f"data.source must be one of {sorted(BUILDERS)}, got {data_cfg.source!r}")
+  settings = build_settings(data_cfg)
+  text = json.dumps(settings, sort_keys=True)
+  name = hashlib.sha256(text.encode()).hexdigest()[:12]
+  builder = BUILDERS[data_cfg.source](
+      data_dir=data_dir, config=DataConfig(name=name, settings=text), file_format="array_record")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  return PreparedData(path=os.fspath(builder.data_path), builder=builder)

@@ -1,0 +1,59 @@
+"""Train / validation / test assignment of interactions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TRAIN, VALIDATION, TEST = 0, 1, 2
+SPLIT_NAMES = ("train", "validation", "test")
+KINDS = ("random", "per_user_ratio", "temporal_last_n", "temporal_global")
+
+
+def _ratio_counts(n: np.ndarray, ratios) -> tuple[np.ndarray, np.ndarray]:
+  """Per-group validation and test counts for a train:valid:test ratio (RecBole's rounding)."""
+  r = np.asarray(ratios, np.float64) / np.sum(ratios)
+  n_valid = np.floor(n * r[1]).astype(np.int64)
+  n_test = np.floor(n * r[2]).astype(np.int64)
+  return n_valid, n_test
+
+
+def assign(user: np.ndarray, timestamp: np.ndarray, cfg) -> np.ndarray:
+  """Returns the split (TRAIN / VALIDATION / TEST) of every interaction. `cfg` is data.split."""
+  n = len(user)
+  rng = np.random.default_rng(cfg.seed)
+  out = np.full(n, TRAIN, np.int8)
+  if cfg.kind == "random":
+    n_valid, n_test = _ratio_counts(np.array([n]), cfg.ratios)
+    perm = rng.permutation(n)
+    out[perm[: n_valid[0]]] = VALIDATION
+    out[perm[n_valid[0]: n_valid[0] + n_test[0]]] = TEST
+    return out
+  if cfg.kind == "temporal_global":
+    q_valid, q_test = cfg.time_quantiles
+    if not 0 < q_valid <= q_test <= 1:
+      raise ValueError(f"data.split.time_quantiles must satisfy 0 < valid <= test <= 1, got {cfg.time_quantiles}")
+    t_valid, t_test = np.quantile(timestamp, [q_valid, q_test], method="lower")
+    out[timestamp >= t_valid] = VALIDATION
+    out[timestamp >= t_test] = TEST
+    return out
+  # Per-user kinds: order each user's interactions (randomly or by time), then cut from the end.
+  if cfg.kind == "per_user_ratio":
+    order = np.lexsort((rng.random(n), user))
+  elif cfg.kind == "temporal_last_n":
+    order = np.lexsort((np.arange(n), timestamp, user))
+  else:
+    raise ValueError(f"data.split.kind must be one of {KINDS}, got {cfg.kind!r}")
+  sorted_user = user[order]
+  starts = np.r_[0, np.flatnonzero(sorted_user[1:] != sorted_user[:-1]) + 1]
+  sizes = np.diff(np.r_[starts, n])
+  if cfg.kind == "per_user_ratio":
+    n_valid, n_test = _ratio_counts(sizes, cfg.ratios)
+  else:
+    # Keep at least one training interaction per user.
+    n_test = np.minimum(cfg.last_n, np.maximum(sizes - 1, 0))
+    n_valid = np.minimum(cfg.last_n_validation, np.maximum(sizes - 1 - n_test, 0))
+  rank_from_end = np.repeat(starts + sizes, sizes) - 1 - np.arange(n)
+  split_sorted = np.where(rank_from_end < np.repeat(n_test, sizes), TEST,
+                          np.where(rank_from_end < np.repeat(n_test + n_valid, sizes), VALIDATION, TRAIN))
+  out[order] = split_sorted
+  return out

@@ -1,0 +1,1 @@
+"""Two-tower retrieval in JAX / Flax NNX."""

@@ -1,0 +1,158 @@
+"""Exact retrieval evaluation over the whole catalog.
+
+Per user (one query built from the user's features and latest training history):
+  * recall@K, ndcg@K, mrr@K, hit_rate@K: the usual full-ranking protocol. Items the user had in
+    training (and in validation, when evaluating test) are masked; the targets are the user's
+    distinct items in the evaluated split. Averaged over users.
+  * accuracy@K: TFRS's factorized top-K accuracy. Nothing masked; one hit per evaluated interaction
+    whose item is in the user's top K. Averaged over interactions.
+  * coverage@100: the share of the catalog that appears in some user's (masked) top 100.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pipelines.prepare import PreparedData
+from two_tower import features as feats
+from two_tower.experiment import load_for_eval, load_workdir_config
+from two_tower.reporting import write_json_atomic
+
+COVERAGE_K = 100
+
+
+def _padded_lists(owner: np.ndarray, values: np.ndarray, rows: np.ndarray, unique: bool) -> np.ndarray:
+  """Groups `values` by `owner` into a [len(rows), max] matrix padded with -1 (row r = rows[r])."""
+  if unique and len(owner):
+    pairs = np.unique(np.stack([owner, values], 1), axis=0)
+    owner, values = pairs[:, 0], pairs[:, 1]
+  order = np.argsort(owner, kind="stable")
+  owner, values = owner[order], values[order]
+  slot = np.searchsorted(rows, owner)
+  keep = (slot < len(rows)) & (rows[np.minimum(slot, len(rows) - 1)] == owner)
+  owner, values, slot = owner[keep], values[keep], slot[keep]
+  counts = np.bincount(slot, minlength=len(rows))
+  out = np.full((len(rows), max(1, counts.max(initial=0))), -1, np.int32)
+  starts = np.r_[0, np.cumsum(counts)[:-1]]
+  out[slot, np.arange(len(slot)) - starts[slot]] = values
+  return out
+
+
+def _pad_rows(x: np.ndarray, rows: int, fill: int) -> np.ndarray:
+  """Pads the first axis to `rows` (fixed shapes: one compilation for every chunk)."""
+  return np.pad(x, ((0, rows - len(x)),) + ((0, 0),) * (x.ndim - 1), constant_values=fill)
+
+
+def embed_items(graphdef, params, catalog, num_items: int, batch: int = 8192) -> jax.Array:
+  """[num_items, D] item-tower outputs, computed in fixed-size jitted chunks."""
+  @jax.jit
+  def chunk(params, idx):
+    model = nnx.merge(graphdef, params)
+    return model.embed_items(feats.item_features(catalog, idx))
+  batch = min(batch, num_items)
+  outs = []
+  for lo in range(0, num_items, batch):
+    idx = np.minimum(np.arange(lo, lo + batch), num_items - 1)
+    outs.append(chunk(params, idx))
+  return jnp.concatenate(outs)[:num_items]
+
+
+@functools.partial(jax.jit, static_argnames=("ks", "max_k"))
+def _chunk_metrics(queries, items, targets, exclude, interactions, valid, *, ks, max_k):
+  scores = queries @ items.T  # [b, N]
+  num_items = scores.shape[1]
+  rows = jnp.arange(scores.shape[0])[:, None]
+  masked = scores.at[rows, jnp.where(exclude < 0, num_items, exclude)].set(-jnp.inf, mode="drop")
+  top_masked = jax.lax.top_k(masked, max_k)[1]
+  top_raw = jax.lax.top_k(scores, max_k)[1]
+  hits = (top_masked[:, :, None] == targets[:, None, :]).any(-1)  # [b, max_k]
+  num_pos = (targets >= 0).sum(-1)
+  discount = 1.0 / jnp.log2(jnp.arange(max_k) + 2.0)
+  first_hit = jnp.where(hits.any(-1), jnp.argmax(hits, -1), max_k)
+  inter_rank = jnp.where(top_raw[:, None, :] == interactions[:, :, None], jnp.arange(max_k), max_k)
+  inter_rank = inter_rank.min(-1)  # [b, T]: rank of each interaction's item in the unmasked top
+  out = {}
+  for k in ks:
+    h = hits[:, :k].sum(-1)
+    idcg = jnp.cumsum(discount[:k])[jnp.clip(jnp.minimum(num_pos, k) - 1, 0, k - 1)]
+    out[f"recall@{k}"] = h / jnp.maximum(num_pos, 1)
+    out[f"ndcg@{k}"] = (hits[:, :k] * discount[:k]).sum(-1) / idcg
+    out[f"mrr@{k}"] = jnp.where(first_hit < k, 1.0 / (first_hit + 1.0), 0.0)
+    out[f"hit_rate@{k}"] = (h > 0).astype(jnp.float32)
+    out[f"accuracy@{k}"] = ((inter_rank < k) & (interactions >= 0)).sum(-1)
+  out = {name: jnp.where(valid, v, 0) for name, v in out.items()}
+  coverage = jnp.zeros(num_items, jnp.int32).at[
+      jnp.where(valid[:, None], top_masked[:, :COVERAGE_K], num_items)].add(1, mode="drop")
+  return out, coverage
+
+
+class Evaluator:
+  """Evaluates a model on one split; the targets and masks are computed once."""
+
+  def __init__(self, data: PreparedData, catalog, split: str, ks: Sequence[int], user_batch: int = 512):
+    schema = data.schema
+    if schema.split_sizes.get(split, 0) == 0:
+      raise ValueError(f"split {split!r} is empty in this dataset: evaluate another split (eval.split)")
+    self.ks = tuple(sorted(ks))
+    self.max_k = max(max(self.ks), COVERAGE_K)
+    if self.max_k > schema.num_items:
+      raise ValueError(f"K={self.max_k} is larger than the catalog ({schema.num_items} items): lower eval.ks")
+    self.num_items = schema.num_items
+    self.catalog = catalog
+    self.user_batch = user_batch
+    users, items = data.pairs(split)
+    self.users = np.unique(users)
+    self.targets = _padded_lists(users, items, self.users, unique=True)
+    self.interactions = _padded_lists(users, items, self.users, unique=False)
+    masked = ["train"] + (["validation"] if split == "test" else [])
+    owners, values = zip(*(data.pairs(s) for s in masked))
+    self.exclude = _padded_lists(np.concatenate(owners), np.concatenate(values), self.users, unique=True)
+    self.num_interactions = len(users)
+
+  def __call__(self, graphdef, params) -> dict[str, float]:
+    item_emb = embed_items(graphdef, params, self.catalog, self.num_items)
+
+    @jax.jit
+    def embed_queries(params, idx):
+      model = nnx.merge(graphdef, params)
+      return model.embed_queries(feats.query_features(self.catalog, idx))
+
+    sums: dict[str, float] = {}
+    coverage = np.zeros(self.num_items, np.int64)
+    b = self.user_batch
+    for lo in range(0, len(self.users), b):
+      sl = slice(lo, lo + b)
+      n = len(self.users[sl])
+      queries = embed_queries(params, _pad_rows(self.users[sl], b, 0))
+      out, cov = _chunk_metrics(queries, item_emb, _pad_rows(self.targets[sl], b, -1),
+                                _pad_rows(self.exclude[sl], b, -1),
+                                _pad_rows(self.interactions[sl], b, -1), np.arange(b) < n,
+                                ks=self.ks, max_k=self.max_k)
+      for name, v in out.items():
+        sums[name] = sums.get(name, 0.0) + float(np.asarray(v, np.float64).sum())
+      coverage += np.asarray(cov)
+    metrics = {}
+    for name, total in sums.items():
+      denom = self.num_interactions if name.startswith("accuracy@") else len(self.users)
+      metrics[name] = total / denom
+    metrics[f"coverage@{COVERAGE_K}"] = float((coverage > 0).mean())
+    return dict(sorted(metrics.items()))
+
+
+def evaluate_workdir(workdir: str, split: str | None = None) -> dict[str, float]:
+  """Evaluates the latest checkpoint of `workdir`; writes eval/metrics.json atomically."""
+  config = load_workdir_config(workdir)
+  s = load_for_eval(config, workdir)
+  split = split or config.eval.split
+  metrics = Evaluator(s.data, s.catalog, split, config.eval.ks, config.eval.user_batch_size)(
+      s.graphdef, s.state.params)
+  name = "metrics.json" if split == config.eval.split else f"metrics_{split}.json"
+  write_json_atomic(os.path.join(workdir, "eval", name), metrics)
+  return metrics

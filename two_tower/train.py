@@ -1,0 +1,158 @@
+"""Training: a pure, jitted `train_step(state, batch, catalog) -> (state, metrics)` and the loop
+around it (data, checkpoints, evaluation, logging)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from pipelines import loader
+from two_tower import features as feats
+from two_tower import sharding
+from two_tower.evaluation import Evaluator
+from two_tower.experiment import setup
+from two_tower.losses import sampled_softmax_loss
+from two_tower.optim import learning_rate_schedule
+from two_tower.reporting import Reporter, Stopwatch, write_json_atomic
+from two_tower.state import TrainState
+
+Hook = Callable[[int, "TrainState"], None]
+
+# ----------------------------------------------------------------------------- step
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Catalog, *,
+               graphdef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+               mesh: Mesh) -> tuple[TrainState, dict[str, jax.Array]]:
+  loss_cfg = config.loss
+  sampling_prob = catalog["item"][feats.SAMPLING_PROB]
+  num_items = sampling_prob.shape[0]
+  batch_size = batch["item_index"].shape[0]
+  num_negatives = loss_cfg.num_uniform_negatives
+  negatives = None
+  if num_negatives > 0:
+    key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    negatives = jax.random.randint(key, (num_negatives,), 0, num_items)
+
+  def log_q(items):
+    # Expected count of each candidate in the sampled set: batch * popularity + uniform share.
+    if not loss_cfg.logq_correction:
+      return None
+    return jnp.log(batch_size * sampling_prob[items] + num_negatives / num_items)
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params)
+    queries = model.embed_queries(feats.query_features(catalog, batch["user_index"], batch["history"]))
+    items = model.embed_items(feats.item_features(catalog, batch["item_index"]))
+    extra = {}
+    if negatives is not None:
+      extra = dict(extra_items=model.embed_items(feats.item_features(catalog, negatives)),
+                   extra_ids=negatives, extra_log_q=log_q(negatives))
+    return sampled_softmax_loss(
+        queries, items, batch["item_index"], batch["weight"], mesh=mesh,
+        log_q=log_q(batch["item_index"]), global_negatives=loss_cfg.global_negatives,
+        remove_accidental_hits=loss_cfg.remove_accidental_hits, reduction=loss_cfg.reduction,
+        row_chunk=loss_cfg.row_chunk, **extra)
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+  """Trains (resuming from the latest checkpoint in `workdir`) and writes train_summary.json."""
+  s = setup(config, workdir)
+  cfg = config.train
+  dataset = loader.train_dataset(
+      s.data.record_source("train"), history_length=s.data.schema.history_length,
+      batch_size=cfg.batch_size, num_examples=s.num_examples, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=config.data.worker_count, prefetch_buffer_size=config.data.prefetch_buffer_size)
+  data_iter = iter(dataset)
+  state = s.state
+  start = s.checkpointer.latest_step()
+  if start is not None:
+    state = s.checkpointer.restore(start, state, data_iter)
+    logging.info("resumed from %s", s.checkpointer.path(start))
+  start = int(state.step)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=s.graphdef, tx=s.tx, config=config, mesh=s.mesh),
+      in_shardings=(s.state_sharding, sharding.batch_sharding(s.mesh), sharding.replicated(s.mesh)),
+      out_shardings=(s.state_sharding, sharding.replicated(s.mesh)),
+      donate_argnums=0,
+  )
+  validator = None
+  if cfg.eval_every_steps > 0 and s.data.schema.split_sizes.get("validation", 0) > 0:
+    validator = Evaluator(s.data, s.catalog, "validation", config.eval.ks, config.eval.user_batch_size)
+  reporter = Reporter(os.path.join(workdir, "tensorboard"), total_steps=s.num_steps, initial_step=start)
+  reporter.write(f"training {s.num_steps} steps of {cfg.batch_size} examples on mesh "
+                 f"{dict(s.mesh.shape)}; data: {s.data.path}")
+  stopwatch = Stopwatch()
+  schedule = learning_rate_schedule(config.optimizer, s.num_steps)
+  batch_sharding = sharding.batch_sharding(s.mesh)
+  metrics = None
+  final_loss = float("nan")
+  try:
+    for step in range(start, s.num_steps):
+      local = next(data_iter)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
+               for k in loader.BATCH_KEYS}
+      state, metrics = step_fn(state, batch, s.catalog)
+      stopwatch.tick(cfg.batch_size, sync=metrics)
+      for hook in hooks:
+        hook(step + 1, state)
+      done = step + 1
+      if done % cfg.log_every_steps == 0 or done == s.num_steps:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        values["learning_rate"] = float(schedule(done))
+        speed = stopwatch.examples_per_s()
+        if speed:
+          values["examples_per_s"] = speed
+        reporter.scalars(done, values, "train/")
+        reporter.postfix(loss=values["loss"], ex_per_s=round(speed or 0))
+        final_loss = values["loss"]
+        if not np.isfinite(final_loss):
+          raise FloatingPointError(
+              f"training loss became {final_loss} at step {done}: lower optimizer.learning_rate "
+              "or set optimizer.grad_clip_norm")
+      if validator is not None and (done % cfg.eval_every_steps == 0 or done == s.num_steps):
+        val = validator(s.graphdef, state.params)
+        reporter.scalars(done, val, "validation/")
+        reporter.write(f"step {done}: validation " + ", ".join(
+            f"{k}={val[k]:.4f}" for k in ("recall@10", "ndcg@10", "accuracy@100") if k in val))
+      s.checkpointer.save(done, state, data_iter, force=done == s.num_steps)
+      reporter.step()
+    s.checkpointer.wait()
+  finally:
+    reporter.close()
+  last = s.checkpointer.latest_step()
+  summary = {
+      "steps": int(state.step),
+      "examples_per_s": stopwatch.examples_per_s(sync=state.step),
+      "final_loss": final_loss,
+      "checkpoint": s.checkpointer.path(last) if last is not None else None,
+      "batch_size": cfg.batch_size,
+      "mesh": dict(s.mesh.shape),
+      "data": s.data.path,
+  }
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(workdir, "train_summary.json"), summary)
+  s.checkpointer.close()
+  return summary
