@@ -13,7 +13,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.source_dir = ""  # movielens_100k: the GroupLens ml-100k directory
   d.synthetic = ml_collections.ConfigDict(dict(
       num_users=4000, num_items=2000, num_interactions=200_000, num_categories=40,
-      num_tags=60, latent_dim=8, sharpness=4.0, popularity_exponent=0.8, min_per_user=5,
+      num_tags=60, latent_dim=8, sharpness=8.0, popularity_exponent=0.8, min_per_user=5,
       seed=0,
   ))
   d.logs = ml_collections.ConfigDict(dict(
@@ -28,10 +28,12 @@ def get_base_config() -> ml_collections.ConfigDict:
       ratios=(0.8, 0.1, 0.1), last_n=1, last_n_validation=1, time_quantiles=(0.8, 0.9), seed=0,
   ))
   d.history_length = 20
+  d.training_history = "auto"  # auto | before | others (see pipelines.prepare.training_history_mode)
   d.num_oov_buckets = 1
   d.min_count = 1
   d.max_bag_length = 16
   d.weight_column = ""  # an interaction column to use as per-example weight, e.g. "rating"
+  d.cache = "auto"  # auto | always | never: hold the decoded training split in memory
   d.worker_count = 0  # grain worker processes; 0 reads in the training process
   d.prefetch_buffer_size = 2
 
@@ -77,5 +79,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.ks = (10, 50, 100)
   e.user_batch_size = 512
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1  # data-parallel axis size; -1: the devices left over by mesh.model
+  ms.model = 1  # model axis size (table rows, dense outputs); -1: the devices left over by mesh.data
+  ms.shard_tables_over = "model"  # model | all: embedding-table rows over the model axis or every device
+  ms.table_row_multiple = 1  # pad table rows to a multiple of this (keep it for a work directory's life)
+  ms.replicate_uneven_mb = 16.0  # a parameter its mesh axes do not divide: replicated up to this size
   return c

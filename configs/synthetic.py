@@ -7,8 +7,7 @@ def get_config():
   c = get_base_config()
   c.model.query_features = ("user_id", "segment", "age", "account_age", "history")
   c.model.item_features = ("item_id", "category", "tags", "price")
-  c.train.batch_size = 1024
-  c.train.num_epochs = 4.0
-  c.optimizer.learning_rate = 3e-3
-  c.train.eval_every_steps = 300
+  c.loss.update(logq_correction=True, num_uniform_negatives=256)
+  c.optimizer.learning_rate = 1e-2
+  c.train.update(batch_size=1024, num_epochs=4.0, eval_every_steps=300)
   return c

@@ -6,6 +6,7 @@ Writes DIR/eval/metrics.json (recall, ndcg, mrr, hit_rate and accuracy at 10/50/
 from absl import app, flags
 
 from launch import common
+from two_tower import distributed
 from two_tower.evaluation import evaluate_workdir
 
 _WORKDIR = common.define_workdir()
@@ -14,9 +15,10 @@ _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the con
 
 def main(argv):
   del argv
+  common.run_cli(distributed.initialize)  # jax.distributed, before JAX touches devices
   common.run_cli(lambda: common.print_json(
       "metrics", evaluate_workdir(_WORKDIR.value, _SPLIT.value)))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -7,13 +7,13 @@
 import os
 
 from absl import app
-from ml_collections import config_flags
 
 from launch import common
+from two_tower import distributed
 from two_tower.evaluation import evaluate_workdir
 from two_tower.train import train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Config file.")
+_CONFIG = common.define_config()
 _WORKDIR = common.define_workdir()
 
 
@@ -35,8 +35,9 @@ def run(config, workdir: str) -> None:
 
 def main(argv):
   del argv
+  common.run_cli(distributed.initialize)  # jax.distributed, before JAX touches devices
   common.run_cli(lambda: run(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -9,7 +9,8 @@ complete; the feature tables are written inside that same directory.
 What a build holds:
   * ArrayRecord splits `train` / `validation` / `test`: one example per interaction with
     `user_index`, `item_index` (rows of the user and item tables), `timestamp`, `weight` and
-    `history` (the user's most recent training items before this one, item-ID vocabulary indices).
+    `history` (item-ID vocabulary indices of the user's recent training items: those before this
+    one, or the latest ones except this one, see `training_history_mode`).
   * `tables/{user,item}.<feature>.npy`: one row per user / item of the catalog, with vocabulary
     indices, padded token bags, standardised numbers, the item sampling probability on the training
     split, each user's latest training history, and the original IDs (`raw_id`).
@@ -38,6 +39,7 @@ from pipelines.vocab import Vocabulary
 VERSION = "1.0.0"
 # The parts of config.data that change the prepared data (the rest only changes how it is read).
 _BUILD_KEYS = ("source", "source_dir", "synthetic", "logs", "split", "history_length",
+               "training_history",
                "num_oov_buckets", "min_count", "max_bag_length", "weight_column")
 
 
@@ -191,9 +193,17 @@ def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict) -> _Prepared:
                    train_user_start, item_id_index)
 
 
-def _examples(prep: _Prepared, split_id: int, block: int = 65536) -> Iterator[tuple[int, dict]]:
+def _examples(prep: _Prepared, split_id: int, training_history: str,
+              block: int = 65536) -> Iterator[tuple[int, dict]]:
   length = prep.schema.history_length
-  if split_id == splits.TRAIN:
+  user_history = prep.tables["user.history"]
+  if split_id == splits.TRAIN and training_history == "others":
+    # The query the model is evaluated with (the user's latest training items), minus the target.
+    for idx in np.flatnonzero(prep.split == split_id).tolist():
+      history = user_history[prep.user[idx]].copy()
+      history[history == prep.item_id_index[prep.item[idx]]] = PAD
+      yield idx, _example(prep, idx, history)
+  elif split_id == splits.TRAIN:
     # History of a training interaction: the same user's training items strictly before it.
     order = prep.train_order
     sorted_items = prep.item_id_index[prep.item[order]]
@@ -206,7 +216,6 @@ def _examples(prep: _Prepared, split_id: int, block: int = 65536) -> Iterator[tu
       for j, idx in enumerate(order[pos].tolist()):
         yield idx, _example(prep, idx, hist[j])
   else:
-    user_history = prep.tables["user.history"]
     for idx in np.flatnonzero(prep.split == split_id).tolist():
       yield idx, _example(prep, idx, user_history[prep.user[idx]])
 
@@ -228,6 +237,19 @@ def _write_side_files(prep: _Prepared, path: str, planted) -> None:
     planted.save(os.path.join(path, "planted.npz"))
   with open(os.path.join(path, "schema.json"), "w") as f:
     f.write(prep.schema.to_json())
+
+
+def training_history_mode(cfg: ml_collections.ConfigDict) -> str:
+  """"before": a training example's history is the user's items before it (next-item
+  prediction, right for temporal splits). "others": the user's latest training items except the
+  target, which is exactly the query used at evaluation, right when test items are sampled from
+  the whole timeline (random splits)."""
+  mode = cfg.training_history
+  if mode == "auto":
+    mode = "before" if cfg.split.kind.startswith("temporal") else "others"
+  if mode not in ("before", "others"):
+    raise ValueError(f"data.training_history must be auto, before or others, got {mode!r}")
+  return mode
 
 
 # ----------------------------------------------------------------------------- TFDS builders
@@ -261,7 +283,8 @@ class _InteractionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     raw, planted = self._load(cfg)
     prep = prepare_arrays(raw, cfg)
     _write_side_files(prep, self.data_dir, planted)  # self.data_dir is the incomplete.* directory
-    return {name: _examples(prep, k) for k, name in enumerate(splits.SPLIT_NAMES)
+    mode = training_history_mode(cfg)
+    return {name: _examples(prep, k, mode) for k, name in enumerate(splits.SPLIT_NAMES)
             if prep.schema.split_sizes[name] > 0}
 
   def _generate_examples(self, *args):  # the generators come from _split_generators

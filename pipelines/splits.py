@@ -32,7 +32,7 @@ def assign(user: np.ndarray, timestamp: np.ndarray, cfg) -> np.ndarray:
     q_valid, q_test = cfg.time_quantiles
     if not 0 < q_valid <= q_test <= 1:
       raise ValueError(f"data.split.time_quantiles must satisfy 0 < valid <= test <= 1, got {cfg.time_quantiles}")
-    t_valid, t_test = np.quantile(timestamp, [q_valid, q_test], method="lower")
+    t_valid, t_test = np.quantile(timestamp, [q_valid, q_test], method="higher")
     out[timestamp >= t_valid] = VALIDATION
     out[timestamp >= t_test] = TEST
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +65,7 @@ def embed_items(graphdef, params, catalog, num_items: int, batch: int = 8192) ->
 
 
 @functools.partial(jax.jit, static_argnames=("ks", "max_k"))
-def _chunk_metrics(queries, items, targets, exclude, interactions, valid, *, ks, max_k):
-  scores = queries @ items.T  # [b, N]
+def _chunk_metrics(scores, targets, exclude, interactions, valid, *, ks, max_k):
   num_items = scores.shape[1]
   rows = jnp.arange(scores.shape[0])[:, None]
   masked = scores.at[rows, jnp.where(exclude < 0, num_items, exclude)].set(-jnp.inf, mode="drop")
@@ -117,24 +116,28 @@ class Evaluator:
     self.num_interactions = len(users)
 
   def __call__(self, graphdef, params) -> dict[str, float]:
+    """Metrics of a model: scores are dot products of query and item tower outputs."""
     item_emb = embed_items(graphdef, params, self.catalog, self.num_items)
 
     @jax.jit
-    def embed_queries(params, idx):
+    def scores(params, item_emb, users):
       model = nnx.merge(graphdef, params)
-      return model.embed_queries(feats.query_features(self.catalog, idx))
+      return model.embed_queries(feats.query_features(self.catalog, users)) @ item_emb.T
 
+    return self.evaluate_scores(lambda users: scores(params, item_emb, users))
+
+  def evaluate_scores(self, score_fn: Callable[[np.ndarray], jax.Array]) -> dict[str, float]:
+    """Metrics of any scorer: `score_fn(user_rows)` -> [len(user_rows), num_items] scores."""
     sums: dict[str, float] = {}
     coverage = np.zeros(self.num_items, np.int64)
     b = self.user_batch
     for lo in range(0, len(self.users), b):
       sl = slice(lo, lo + b)
       n = len(self.users[sl])
-      queries = embed_queries(params, _pad_rows(self.users[sl], b, 0))
-      out, cov = _chunk_metrics(queries, item_emb, _pad_rows(self.targets[sl], b, -1),
-                                _pad_rows(self.exclude[sl], b, -1),
-                                _pad_rows(self.interactions[sl], b, -1), np.arange(b) < n,
-                                ks=self.ks, max_k=self.max_k)
+      out, cov = _chunk_metrics(
+          jnp.asarray(score_fn(_pad_rows(self.users[sl], b, 0))),
+          _pad_rows(self.targets[sl], b, -1), _pad_rows(self.exclude[sl], b, -1),
+          _pad_rows(self.interactions[sl], b, -1), np.arange(b) < n, ks=self.ks, max_k=self.max_k)
       for name, v in out.items():
         sums[name] = sums.get(name, 0.0) + float(np.asarray(v, np.float64).sum())
       coverage += np.asarray(cov)

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from pipelines import loader
 from pipelines.prepare import PreparedData, prepare, resolve_data_dir
 from two_tower import features as feats
-from two_tower import sharding
+from two_tower import distributed, sharding
 from two_tower.checkpoint import Checkpointer
 from two_tower.optim import make_optimizer
 from two_tower.reporting import write_json_atomic
@@ -25,7 +25,7 @@ from two_tower.state import TrainState, create_train_state
 # Settings that may change between runs in one work directory: they do not change the result.
 RUNTIME_KEYS = ("train.log_every_steps", "train.checkpoint_every_steps",
                 "train.max_checkpoints_to_keep", "train.eval_every_steps", "data.worker_count",
-                "data.prefetch_buffer_size", "data.data_dir", "mesh.", "eval.")
+                "data.prefetch_buffer_size", "data.data_dir", "data.cache", "mesh.", "eval.")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -100,6 +100,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedDat
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+  distributed.assert_same_config(config, workdir)  # all processes: one config, one workdir
   os.makedirs(workdir, exist_ok=True)
   bind_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh)

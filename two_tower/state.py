@@ -25,6 +25,7 @@ class TrainState:
 def create_train_state(schema: Schema, config: ml_collections.ConfigDict,
                        tx: optax.GradientTransformation, mesh: Mesh):
   """(graphdef, state, state shardings): parameters initialised directly in their shardings."""
+  schema = sharding.padded_schema(schema, config.mesh)  # table rows to config.mesh.table_row_multiple
   def init() -> TrainState:
     model = TwoTower(schema, config.model, rngs=nnx.Rngs(config.seed))
     params = nnx.state(model, nnx.Param)
@@ -33,8 +34,8 @@ def create_train_state(schema: Schema, config: ml_collections.ConfigDict,
   with nnx.use_eager_sharding(False):
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: TwoTower(schema, config.model, rngs=nnx.Rngs(0))))
     abstract = jax.eval_shape(init)
-    param_sh = sharding.param_shardings(abstract.params, mesh)
-    opt_sh = jax.jit(tx.init, in_shardings=(param_sh,)).lower(abstract.params).compile().output_shardings
+    param_sh = sharding.param_shardings(abstract.params, mesh, config.mesh)
+    opt_sh = sharding.opt_state_shardings(tx, abstract.params, param_sh, mesh)
     state_sh = TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh)
     state = jax.jit(init, out_shardings=state_sh)()
   return graphdef, state, state_sh

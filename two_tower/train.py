@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
+import threading
 from typing import Any, Callable, Sequence
 
 import jax
@@ -67,11 +69,33 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 # ----------------------------------------------------------------------------- loop
+
+
+class Preempted(RuntimeError):
+  """Training stopped by SIGTERM after saving a checkpoint."""
+
+
+class PreemptionHandler:
+  """Turns SIGTERM (what schedulers send before preempting) into a checkpoint-and-stop request."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -79,9 +103,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains (resuming from the latest checkpoint in `workdir`) and writes train_summary.json."""
   s = setup(config, workdir)
   cfg = config.train
+  split = loader.open_split(s.data.record_source("train"), s.data.schema.history_length,
+                            config.data.cache)
   dataset = loader.train_dataset(
-      s.data.record_source("train"), history_length=s.data.schema.history_length,
-      batch_size=cfg.batch_size, num_examples=s.num_examples, seed=config.seed,
+      split, batch_size=cfg.batch_size, num_examples=s.num_examples, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       worker_count=config.data.worker_count, prefetch_buffer_size=config.data.prefetch_buffer_size)
   data_iter = iter(dataset)
@@ -107,8 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   stopwatch = Stopwatch()
   schedule = learning_rate_schedule(config.optimizer, s.num_steps)
   batch_sharding = sharding.batch_sharding(s.mesh)
-  metrics = None
   final_loss = float("nan")
+  preemption = PreemptionHandler()
   try:
     for step in range(start, s.num_steps):
       local = next(data_iter)
@@ -137,11 +162,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         reporter.scalars(done, val, "validation/")
         reporter.write(f"step {done}: validation " + ", ".join(
             f"{k}={val[k]:.4f}" for k in ("recall@10", "ndcg@10", "accuracy@100") if k in val))
-      s.checkpointer.save(done, state, data_iter, force=done == s.num_steps)
+      s.checkpointer.save(done, state, data_iter, force=done == s.num_steps or preemption.requested)
       reporter.step()
-    s.checkpointer.wait()
+      if preemption.requested:
+        raise Preempted(f"stopped by SIGTERM at step {done}; checkpoint {s.checkpointer.path(done)} "
+                        "saved: run the same command again to resume")
   finally:
+    preemption.restore()
     reporter.close()
+    s.checkpointer.wait()  # let in-flight saves finish, also when stopping on an error
   last = s.checkpointer.latest_step()
   summary = {
       "steps": int(state.step),

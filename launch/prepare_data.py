@@ -1,0 +1,23 @@
+"""Prepares (or finds) the dataset of a config: python -m launch.prepare_data --config=... --workdir=DIR"""
+
+from absl import app
+
+from launch import common
+from pipelines.prepare import prepare, resolve_data_dir
+
+_CONFIG = common.define_config()
+_WORKDIR = common.define_workdir()
+
+
+def main(argv):
+  del argv
+
+  def run():
+    data = prepare(_CONFIG.value.data, resolve_data_dir(_CONFIG.value.data, _WORKDIR.value))
+    common.print_json("prepared", {"path": data.path, "split_sizes": data.schema.split_sizes,
+                                   "users": data.schema.num_users, "items": data.schema.num_items})
+  common.run_cli(run)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=common.parse_flags)

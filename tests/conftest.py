@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny synthetic config and a work directory trained once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+  """The default synthetic config, shrunk to run in seconds."""
+  c = synthetic.get_config()
+  c.data.synthetic.update(num_users=300, num_items=200, num_interactions=9000, num_categories=8)
+  c.data.history_length = 8
+  c.train.batch_size = 256
+  c.train.num_epochs = 4.0
+  c.train.log_every_steps = 5
+  c.train.checkpoint_every_steps = 10
+  c.train.eval_every_steps = 0
+  c.eval.user_batch_size = 128
+  return c
+
+
+@pytest.fixture
+def config():
+  return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """A work directory with a finished tiny training run (shared, read-only for tests)."""
+  from two_tower.train import train_and_evaluate
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  train_and_evaluate(tiny_config(), workdir)
+  return workdir
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 600):
+  """Runs `python -m module args...` from the repo root; returns the CompletedProcess."""
+  full_env = dict(os.environ, **(env or {}))
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
+                        capture_output=True, text=True, timeout=timeout)

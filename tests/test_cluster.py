@@ -1,0 +1,180 @@
+"""The cluster launchers render the right commands, scripts and manifests (--dry-run); no cluster."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from launch.cluster import k8s, local, slurm, tpu_pod
+from launch.cluster.common import job_argv
+
+
+def dry_run(module, *argv: str) -> str:
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert module.main(["--dry-run", *argv]) == 0
+  return out.getvalue()
+
+
+def test_job_argv_passes_overrides_as_config_flags():
+  args = argparse.Namespace(job="train", config="configs/synthetic.py", workdir="/shared/w",
+                            set=["mesh.model=4", "train.batch_size=8192"])
+  assert job_argv(args) == ["python3", "-m", "launch.train", "--workdir=/shared/w",
+                            "--config=configs/synthetic.py", "--config.mesh.model=4",
+                            "--config.train.batch_size=8192"]
+  with pytest.raises(SystemExit, match="KEY=VALUE"):
+    job_argv(argparse.Namespace(job="train", config="c.py", workdir="w", set=["mesh.model"]))
+  with pytest.raises(SystemExit, match="--workdir is required"):
+    job_argv(argparse.Namespace(job="train", config="c.py", workdir=None, set=[]))
+
+
+# ----------------------------------------------------------------------------- TPU pods
+
+
+def tpu_commands(action: str, *extra: str) -> list[list[str]]:
+  text = dry_run(tpu_pod, action, "--name=tt", "--zone=us-central2-b", "--project=proj", *extra)
+  return [shlex.split(line) for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_tpu_pod_up_creates_copies_and_starts_on_all_workers():
+  cmds = tpu_commands("up", "--accelerator=v4-32", "--spot", "--workdir=/mnt/shared/runs/tt",
+                      "--set", "mesh.model=4", "--jax_version=0.9.0")
+  create, tar, scp, install, start = cmds
+  assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "tt"]
+  assert {"--accelerator-type=v4-32", "--zone=us-central2-b", "--project=proj", "--spot"} <= set(create)
+  assert tar[:2] == ["tar", "-czf"] and "--exclude=.venv" in tar and tar[-1] == "."
+  assert scp[4] == "scp" and scp[6] == "tt:~/two_tower-src.tar.gz" and "--worker=all" in scp
+  assert install[4] == "ssh" and "--worker=all" in install
+  install_cmd = next(a for a in install if a.startswith("--command="))
+  assert "pip install" in install_cmd and "jax[tpu]==0.9.0" in install_cmd
+  assert start[4] == "ssh" and "--worker=all" in start
+  remote = next(a for a in start if a.startswith("--command="))[len("--command="):]
+  # Detached from the ssh session (setsid nohup, stdin closed), its pid kept for `stop`.
+  assert remote.startswith("cd ~/two_tower && (setsid nohup ")
+  assert remote.endswith("< /dev/null & echo $! > ~/two_tower/job.pid)")
+  words = shlex.split(remote)
+  assert words[words.index("nohup") + 1:words.index(">")] == [
+      "python3", "-m", "launch.train", "--workdir=/mnt/shared/runs/tt",
+      "--config=configs/synthetic.py", "--config.mesh.model=4"]
+
+
+def test_tpu_pod_logs_stop_delete():
+  (logs,) = tpu_commands("logs", "--worker=3")
+  assert "--worker=3" in logs and "--command=tail -n +1 -F ~/two_tower/job.log" in logs
+  (stop,) = tpu_commands("stop")
+  assert "--worker=all" in stop and any("kill $(cat ~/two_tower/job.pid)" in a for a in stop)
+  (delete,) = tpu_commands("delete")
+  assert delete[4:6] == ["delete", "tt"] and "--quiet" in delete
+
+
+def test_tpu_pod_start_needs_a_workdir():
+  with pytest.raises(SystemExit, match="--workdir"):
+    tpu_commands("start")
+
+# ----------------------------------------------------------------------------- SLURM
+
+
+def test_slurm_script_one_process_per_node(tmp_path):
+  script = dry_run(slurm, "--nodes=4", "--gpus_per_node=8", "--partition=a100", "--time=02:00:00",
+                   "--venv=/shared/venv", "--workdir=/shared/runs/tt", "--set", "mesh.model=8")
+  directives = [line.split(None, 1)[1] for line in script.splitlines() if line.startswith("#SBATCH")]
+  assert {"--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=a100",
+          "--time=02:00:00", "--exclusive"} <= set(directives)
+  assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in script  # one process drives 8 GPUs
+  assert "source /shared/venv/bin/activate" in script
+  srun = shlex.split(next(line for line in script.splitlines() if line.startswith("srun ")))
+  assert "--kill-on-bad-exit=1" in srun
+  assert srun[srun.index("-m") + 1:] == ["launch.train", "--workdir=/shared/runs/tt",
+                                         "--config=configs/synthetic.py", "--config.mesh.model=8"]
+  path = tmp_path / "job.sbatch"
+  path.write_text(script)
+  assert subprocess.run(["bash", "-n", str(path)]).returncode == 0  # valid shell
+
+
+def test_slurm_script_one_process_per_gpu():
+  script = dry_run(slurm, "--nodes=2", "--gpus_per_node=4", "--processes_per_node=4", "--port=7777",
+                   "--workdir=/w")
+  assert "#SBATCH --ntasks-per-node=4" in script
+  assert "JAX_LOCAL_DEVICE_IDS" not in script  # JAX gives each process its SLURM_LOCALID GPU
+  assert "export JAX_COORDINATOR_PORT=7777" in script
+  with pytest.raises(SystemExit, match="must divide"):
+    dry_run(slurm, "--gpus_per_node=8", "--processes_per_node=3", "--workdir=/w")
+
+# ----------------------------------------------------------------------------- Kubernetes
+
+
+def k8s_docs(*argv: str) -> list[dict]:
+  return list(yaml.safe_load_all(dry_run(k8s, "--image=reg/tt:1", "--workdir=/mnt/shared/w", *argv)))
+
+
+def _env(container: dict) -> dict:
+  return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_k8s_indexed_job_and_headless_service():
+  service, job = k8s_docs("--name=tt", "--num_processes=4", "--gpus_per_process=8", "--pvc=runs",
+                          "--set", "mesh.model=8", "--port=9999")
+  assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+  assert service["spec"]["publishNotReadyAddresses"] is True
+  assert service["spec"]["selector"] == {"job-name": "tt"}  # the label Kubernetes puts on Job pods
+  spec = job["spec"]
+  assert (job["kind"], spec["completionMode"], spec["completions"], spec["parallelism"],
+          spec["backoffLimit"]) == ("Job", "Indexed", 4, 4, 0)
+  pod = spec["template"]["spec"]
+  assert pod["subdomain"] == service["metadata"]["name"] and pod["restartPolicy"] == "Never"
+  (container,) = pod["containers"]
+  env = _env(container)
+  # Pod i of an Indexed Job is <job>-<i>.<subdomain>: process 0 is tt-0.tt.
+  assert env["JAX_COORDINATOR_ADDRESS"] == "tt-0.tt:9999" and env["JAX_NUM_PROCESSES"] == "4"
+  assert env["JAX_PROCESS_ID"] == {"fieldRef": {"fieldPath": k8s.INDEX_ANNOTATION}}
+  assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
+  assert container["command"] == ["python", "-m", "launch.train", "--workdir=/mnt/shared/w",
+                                  "--config=configs/synthetic.py", "--config.mesh.model=8"]
+  assert {"name": "shared", "persistentVolumeClaim": {"claimName": "runs"}} in pod["volumes"]
+
+
+def test_k8s_jobset_for_tpu_slices():
+  (jobset,) = k8s_docs("--kind=jobset", "--name=tt", "--num_processes=4",
+                       "--tpu=tpu-v5-lite-podslice", "--tpu_topology=4x4")
+  assert jobset["apiVersion"].startswith("jobset.x-k8s.io/") and jobset["kind"] == "JobSet"
+  assert jobset["spec"]["network"]["enableDNSHostnames"] is True
+  (rjob,) = jobset["spec"]["replicatedJobs"]
+  pod = rjob["template"]["spec"]["template"]["spec"]
+  assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
+                                 "cloud.google.com/gke-tpu-topology": "4x4"}
+  env = _env(pod["containers"][0])
+  # JobSet pods are <jobset>-<replicated job>-<job index>-<pod index>.<jobset>.
+  assert env["JAX_COORDINATOR_ADDRESS"] == f"tt-{rjob['name']}-0-0.tt:8476"
+  assert pod["containers"][0]["resources"]["limits"] == {"google.com/tpu": 4}
+
+# ----------------------------------------------------------------------------- local processes
+
+
+def test_local_launcher_sets_the_distributed_environment():
+  lines = dry_run(local, "--num_processes=3", "--devices_per_process=2", "--port=4567", "--",
+                  "python", "-m", "launch.train", "--workdir=/tmp/w").splitlines()
+  assert lines[-1] == "wait" and len(lines) == 4
+  for pid, line in enumerate(lines[:3]):
+    words = shlex.split(line)
+    env = dict(w.split("=", 1) for w in words[:-5])
+    assert env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:4567"
+    assert (env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]) == ("3", str(pid))
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    assert words[-5:] == ["python", "-m", "launch.train", "--workdir=/tmp/w", "&"]
+
+
+def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
+  # Process 1 fails at once; process 0 would sleep for a minute and is stopped instead.
+  script = "import os, sys, time; pid = int(os.environ['JAX_PROCESS_ID']); print('hello', pid); " \
+           "sys.exit(3) if pid == 1 else time.sleep(60)"
+  out = io.StringIO()
+  code = local.launch([sys.executable, "-c", script], num_processes=2, out=out, grace_s=2.0)
+  assert code == 3
+  assert "[p1] hello 1" in out.getvalue() and "[p0] hello 0" in out.getvalue()

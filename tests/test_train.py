@@ -1,0 +1,123 @@
+"""End-to-end training: outputs, determinism, resumption, evaluation and bad input."""
+
+import glob
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import run_module, tiny_config
+from two_tower.checkpoint import CheckpointMismatchError
+from two_tower.evaluation import Evaluator, evaluate_workdir
+from two_tower.experiment import load_for_eval
+from two_tower.train import train_and_evaluate
+
+
+def final_params(config, workdir):
+  s = load_for_eval(config, workdir)
+  return jax.tree.map(np.asarray, s.state.params), s
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_training_writes_summary_checkpoints_and_tensorboard(trained_workdir):
+  summary = json.load(open(os.path.join(trained_workdir, "train_summary.json")))
+  assert summary["steps"] > 10
+  assert summary["examples_per_s"] > 0
+  assert np.isfinite(summary["final_loss"])
+  assert os.path.isdir(summary["checkpoint"]) and summary["checkpoint"].endswith(f"/{summary['steps']}")
+  assert glob.glob(os.path.join(trained_workdir, "tensorboard", "events.out.tfevents.*"))
+  kept = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(trained_workdir, "checkpoints", "*"))
+                if os.path.basename(p).isdigit())
+  assert len(kept) <= tiny_config().train.max_checkpoints_to_keep and kept[-1] == summary["steps"]
+
+
+def test_evaluate_writes_every_metric(trained_workdir, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(trained_workdir, workdir)
+  metrics = evaluate_workdir(workdir)
+  on_disk = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
+  assert on_disk == pytest.approx(metrics)
+  for k in (10, 50, 100):
+    for name in ("recall", "ndcg", "mrr", "hit_rate", "accuracy"):
+      assert 0.0 <= metrics[f"{name}@{k}"] <= 1.0
+  assert metrics["recall@10"] <= metrics["recall@50"] <= metrics["recall@100"]
+  assert 0 < metrics["coverage@100"] <= 1
+
+
+def test_training_recovers_the_planted_preferences(trained_workdir):
+  config = tiny_config()
+  _, s = final_params(config, trained_workdir)
+  evaluator = Evaluator(s.data, s.catalog, "test", (10,), user_batch=128)
+  model = evaluator(s.graphdef, s.state.params)
+  planted = s.data.planted()
+  oracle = evaluator.evaluate_scores(lambda users: planted.scores(users))
+  popularity = s.data.table("item", "sampling_prob")
+  popular = evaluator.evaluate_scores(lambda users: np.tile(np.log(popularity + 1e-9), (len(users), 1)))
+  assert model["recall@10"] > 0.7 * oracle["recall@10"]
+  assert model["recall@10"] > 1.5 * popular["recall@10"]
+
+
+def test_same_seed_same_parameters(trained_workdir, tmp_path):
+  config = tiny_config()
+  train_and_evaluate(config, str(tmp_path / "again"))
+  assert_trees_equal(final_params(config, trained_workdir)[0], final_params(config, str(tmp_path / "again"))[0])
+
+
+class Crash(Exception):
+  pass
+
+
+def test_resumed_run_ends_with_the_same_parameters(tmp_path):
+  config = tiny_config()
+  config.train.num_epochs = 1.0  # 29 steps; checkpoints every 10
+  straight = str(tmp_path / "straight")
+  train_and_evaluate(config, straight)
+
+  resumed = str(tmp_path / "resumed")
+
+  def crash_at_15(step, state):
+    if step == 15:
+      raise Crash()
+  with pytest.raises(Crash):
+    train_and_evaluate(config, resumed, hooks=[crash_at_15])
+  seen = []
+  train_and_evaluate(config, resumed, hooks=[lambda step, state: seen.append(step)])
+  assert seen[0] == 11  # restarted after the step-10 checkpoint, data position included
+  assert_trees_equal(final_params(config, straight)[0], final_params(config, resumed)[0])
+
+
+def test_workdir_of_another_config_is_refused(trained_workdir, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(trained_workdir, workdir)
+  config = tiny_config()
+  config.model.id_embedding_dim = 8
+  with pytest.raises(ValueError, match=r"(?s)belongs to another config.*model\.id_embedding_dim: 32 -> 8"):
+    train_and_evaluate(config, workdir)
+
+
+def test_checkpoint_of_an_incompatible_model_is_refused(trained_workdir, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(trained_workdir, workdir)
+  os.remove(os.path.join(workdir, "config.json"))  # e.g. a checkpoint copied in by hand
+  config = tiny_config()
+  config.model.id_embedding_dim = 8
+  with pytest.raises(CheckpointMismatchError, match=r"(?s)incompatible model.*user_id.*\(\d+, 32\) in the checkpoint, \(\d+, 8\)"):
+    train_and_evaluate(config, workdir)
+
+
+def test_cli_reports_bad_config_key_and_uneven_batch(tmp_path):
+  bad_key = run_module("launch.train", f"--workdir={tmp_path}/a", "--config.train.batchsize=5")
+  assert bad_key.returncode == 2
+  assert 'unknown config key' in bad_key.stderr and 'Did you mean "batch_size"' in bad_key.stderr
+  uneven = run_module("launch.train", f"--workdir={tmp_path}/b", "--config.train.batch_size=255",
+                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert uneven.returncode == 2
+  assert "batch_size=255 is not divisible by the 2 data-parallel devices" in uneven.stderr
+  assert not os.path.exists(f"{tmp_path}/b/checkpoints")

@@ -1,0 +1,116 @@
+"""A tiny training job whose results the multi-device tests compare.
+
+  python tests/train_worker.py --workdir=W --data_dir=D --out=OUT.npz --steps=4 \
+      [--mesh_data=4 --mesh_model=2] [--checkpoint_every=2] [--set loss.global_negatives=false]
+
+The tests start it in a subprocess, because XLA_FLAGS (the CPU device count) must be set before
+JAX starts, and as several processes through `launch.cluster.local`, which sets the
+jax.distributed variables. Process 0 saves to OUT.npz the parameters after every step (gathered
+from all processes), the final optimizer state, the per-step losses that train_and_evaluate logged,
+and the per-device bytes of the parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import struct
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from two_tower import distributed  # noqa: E402  (before anything touches JAX devices)
+
+
+def read_scalars(logdir: str, tag: str) -> dict[int, float]:
+  """{step: value} of one scalar from the TensorBoard event files (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        if value.tag == tag:
+          out[int(event.step)] = float(value.simple_value)
+  return out
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--data_dir", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--steps", type=int, default=4)
+  parser.add_argument("--mesh_data", type=int, default=-1)
+  parser.add_argument("--mesh_model", type=int, default=1)
+  parser.add_argument("--checkpoint_every", type=int, default=0)
+  parser.add_argument("--set", action="append", default=[], help="key=json_value config override")
+  args = parser.parse_args(argv)
+
+  distributed.initialize()
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from two_tower import sharding  # pylint: disable=g-import-not-at-top
+  from two_tower.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+
+  config = configure(tiny_config(), args)
+  params_by_step: dict[int, dict[str, np.ndarray]] = {}
+
+  def flat(tree) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    gathered = multihost_utils.process_allgather([x for _, x in leaves], tiled=True)
+    return {sharding._path_str(p): np.asarray(x) for (p, _), x in zip(leaves, gathered)}  # pylint: disable=protected-access
+
+  last_state = {}
+
+  def hook(step: int, state) -> None:
+    params_by_step[step] = flat(state.params)
+    last_state["state"] = state
+
+  summary = train_and_evaluate(config, args.workdir, hooks=[hook])
+  state = last_state["state"]
+  memory = {k: sharding.per_device_bytes(x) for k, x in (
+      (sharding._path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0])}  # pylint: disable=protected-access
+  opt = flat(state.opt_state)
+  if jax.process_index() != 0:
+    return
+  arrays = {f"params/{step}/{k}": v for step, tree in params_by_step.items() for k, v in tree.items()}
+  arrays.update({f"opt_state/{k}": v for k, v in opt.items()})
+  losses = read_scalars(os.path.join(args.workdir, "tensorboard"), "train/loss")
+  meta = dict(summary=summary, losses=losses, per_device_bytes=memory,
+              process_count=jax.process_count(), device_count=jax.device_count(),
+              specs={k: str(x.sharding.spec) for k, x in (
+                  (sharding._path_str(p), x) for p, x in  # pylint: disable=protected-access
+                  jax.tree_util.tree_flatten_with_path(state.params)[0])})
+  np.savez(args.out, meta=np.asarray(json.dumps(meta)), **arrays)
+
+
+def configure(config, args):
+  config.data.data_dir = args.data_dir
+  config.train.num_steps = args.steps
+  config.train.log_every_steps = 1
+  config.train.checkpoint_every_steps = args.checkpoint_every or args.steps
+  config.mesh.data = args.mesh_data
+  config.mesh.model = args.mesh_model
+  for item in args.set:
+    key, _, value = item.partition("=")
+    node = config
+    *parents, leaf = key.split(".")
+    for name in parents:
+      node = node[name]
+    node[leaf] = json.loads(value)
+  return config
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,267 @@
+"""Multi-host start-up: JAX's multi-controller runtime (`jax.distributed`) and config agreement.
+
+Every entry point calls `initialize()` before anything touches JAX devices. The coordinator address,
+process count and process id come from, first match wins:
+
+  1. flags    --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+  2. env vars JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (launch/cluster/ sets them)
+  3. JAX's own cluster detection: Cloud TPU VMs and GKE TPU pods, SLURM (`srun`), Open MPI, and
+     Kubernetes Jobs (with the `kubernetes` package and pod-read RBAC)
+  4. none of these: one process, and jax.distributed is not started.
+
+Then `assert_same_config` (called by experiment.setup) checks that all processes run the same
+config and work directory: processes that disagree would otherwise hang in a collective or train
+silently different models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+
+ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"  # also read by jax.distributed itself
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+ENV_TIMEOUT = "JAX_DISTRIBUTED_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300
+
+_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None,
+    f"HOST:PORT of process 0's coordinator (default: ${ENV_ADDRESS}, or detected on Cloud TPU, "
+    "SLURM and Kubernetes).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, f"Number of JAX processes of the job (default: ${ENV_NUM_PROCESSES}).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, f"This process's id in [0, num_processes) (default: ${ENV_PROCESS_ID}).")
+_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", None,
+    f"Seconds to wait for the coordinator and the other processes (default: ${ENV_TIMEOUT} or "
+    f"{DEFAULT_TIMEOUT_S}).")
+
+
+class CoordinatorUnreachableError(TimeoutError, ValueError):
+  """The coordinator did not answer in time. A ValueError too, so the CLIs print it as one line."""
+
+
+class ConfigMismatchError(ValueError):
+  """Processes of one job run different configs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  coordinator_address: str | None
+  num_processes: int
+  process_id: int
+  local_device_ids: Sequence[int] | None
+  source: str  # flags | env | the detected cluster's name | single
+
+
+def _flag(holder: flags.FlagHolder):
+  return holder.value if flags.FLAGS.is_parsed() else None
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+  value = env.get(name)
+  if value in (None, ""):
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"${name}={value!r} is not an integer") from None
+
+
+def _detect(timeout_s: int) -> Settings | None:
+  """JAX's own cluster detection (TPU, SLURM, Open MPI, Kubernetes), without connecting."""
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+    env = next((e for e in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+                if not e.opt_in_only_method and e.is_env_present()), None)
+    if env is None:
+      return None
+    # $JAX_LOCAL_DEVICE_IDS (e.g. all GPUs of a node for one process per node under SLURM) wins
+    # over the detected one-device-per-process default.
+    local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
+    local = [int(i) for i in local.split(",")] if local else None
+    address, count, pid, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        None, None, None, local, None, timeout_s)
+  except (ImportError, AttributeError, TypeError) as e:  # a JAX without this (private) API
+    logging.warning("JAX cluster detection unavailable (%s); pass --coordinator_address, "
+                    "--num_processes and --process_id", e)
+    return None
+  if address is None or count is None or pid is None:
+    return None
+  return Settings(address, int(count), int(pid), local, env.__name__)
+
+
+def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
+            process_id: int | None = None, *, env: Mapping[str, str] | None = None,
+            detect: bool = True, timeout_s: int = DEFAULT_TIMEOUT_S) -> Settings:
+  """Where this process sits in the job: arguments, else flags, else env vars, else detection."""
+  env = os.environ if env is None else env
+  address = coordinator_address or _flag(_ADDRESS) or env.get(ENV_ADDRESS) or None
+  count = num_processes if num_processes is not None else _flag(_NUM_PROCESSES)
+  count = count if count is not None else _env_int(env, ENV_NUM_PROCESSES)
+  pid = process_id if process_id is not None else _flag(_PROCESS_ID)
+  pid = pid if pid is not None else _env_int(env, ENV_PROCESS_ID)
+  given = {"coordinator address": address, "process count": count, "process id": pid}
+  if all(v is None for v in given.values()):
+    detected = _detect(timeout_s) if detect else None
+    return detected or Settings(None, 1, 0, None, "single")
+  if count == 1 and pid in (None, 0):
+    return Settings(address, 1, 0, None, "flags/env")
+  missing = [k for k, v in given.items() if v is None]
+  if missing:
+    raise ValueError(
+        f"incomplete multi-process settings: missing the {' and the '.join(missing)}. Give all "
+        f"three: --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or "
+        f"${ENV_ADDRESS}, ${ENV_NUM_PROCESSES}, ${ENV_PROCESS_ID})")
+  if count < 1 or not 0 <= pid < count:
+    raise ValueError(f"process id {pid} is not in [0, {count}): ids run from 0 to num_processes - 1")
+  _split_address(address)
+  return Settings(address, count, pid, None, "flags/env")
+
+
+def _split_address(address: str) -> tuple[str, int]:
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ValueError(f"coordinator address {address!r} is not HOST:PORT, e.g. 10.0.0.1:1234")
+  return host.strip("[]"), int(port)
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Polls a TCP connection to `address` until it opens; raises, naming it, after `timeout_s`.
+
+  jax.distributed itself aborts the process (a C++ fatal error, without the address) when the
+  coordinator never answers, so the non-coordinator processes probe it first. DNS failures are
+  retried too: on Kubernetes a headless service's names appear a little after the pods.
+  """
+  host, port = _split_address(address)
+  deadline = time.monotonic() + timeout_s
+  last_error: Exception | None = None
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=max(0.1, min(2.0, timeout_s))):
+        return
+    except OSError as e:
+      last_error = e
+    if time.monotonic() >= deadline:
+      raise CoordinatorUnreachableError(
+          f"could not reach the JAX coordinator at {address} within {timeout_s:g} s ({last_error}). "
+          f"Check that process 0 of the job is running and listening on {address}, that this "
+          "host can reach it (firewall, Kubernetes headless service, HTTP proxy variables), and "
+          f"that every process was given the same address; raise the wait with "
+          f"--distributed_timeout or ${ENV_TIMEOUT}.")
+    time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+def _check_port_free(address: str) -> None:
+  """Process 0 binds the coordinator's port: say so clearly when something else holds it."""
+  _, port = _split_address(address)
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(("", port))
+    except OSError as e:
+      raise ValueError(
+          f"process 0 cannot start the JAX coordinator on port {port} ({e}): another program (or a "
+          f"previous run of this job) holds it. Pick another port in --coordinator_address.") from None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, timeout_s: int | None = None) -> Settings:
+  """Starts jax.distributed for a multi-process job; a no-op for one process or when started."""
+  if jax.distributed.is_initialized():
+    return Settings(None, jax.process_count(), jax.process_index(), None, "already initialized")
+  if timeout_s is None:
+    timeout_s = _flag(_TIMEOUT) or _env_int(os.environ, ENV_TIMEOUT) or DEFAULT_TIMEOUT_S
+  settings = resolve(coordinator_address, num_processes, process_id, timeout_s=timeout_s)
+  if settings.num_processes == 1:
+    return settings
+  # CPU processes exchange collectives over gloo (TCP); GPU and TPU backends ignore this setting.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  start = time.monotonic()
+  address = settings.coordinator_address
+  if settings.process_id == 0:
+    _check_port_free(address)
+  else:
+    wait_for_coordinator(address, timeout_s)
+  # Logged before connecting: if the other processes never come, jax.distributed aborts the process
+  # with a message that does not name the address.
+  print(f"[jax.distributed] process {settings.process_id} of {settings.num_processes} joining the "
+        f"coordinator at {address} ({settings.source}; timeout {timeout_s} s)", file=sys.stderr,
+        flush=True)
+  jax.distributed.initialize(
+      address, settings.num_processes, settings.process_id,
+      local_device_ids=settings.local_device_ids,
+      initialization_timeout=max(1, int(timeout_s - (time.monotonic() - start))))
+  return settings
+
+# ----------------------------------------------------------------------------- config agreement
+
+
+def config_payload(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
+  """The canonical JSON that must be identical on every process of a job."""
+  payload = {"config": json.loads(config.to_json()), "workdir": workdir and os.path.abspath(workdir)}
+  return json.dumps(payload, sort_keys=True)
+
+
+def config_hash(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
+  return hashlib.sha256(config_payload(config, workdir).encode()).hexdigest()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix.rstrip("."): d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flatten(v, f"{prefix}{k}."))
+  return out
+
+
+def _allgather_bytes(data: bytes) -> list[bytes]:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int32)))
+  sizes = sizes.reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[:len(data)] = np.frombuffer(data, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  return [bytes(row[:n]) for row, n in zip(rows, sizes)]
+
+
+def assert_same_config(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+  """Raises ConfigMismatchError on every process unless all run the same config and workdir.
+
+  The processes exchange their config hashes (and, when they differ, the configs, to name the
+  differing keys) with multihost_utils; a no-op for a single process.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  mine = config_payload(config, workdir)
+  digest = np.frombuffer(hashlib.sha256(mine.encode()).digest(), np.uint8)
+  digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+  if (digests == digests[0]).all():
+    return
+  payloads = [json.loads(p) for p in _allgather_bytes(mine.encode())]
+  reference = _flatten(payloads[0])
+  lines = []
+  for pid, payload in enumerate(payloads[1:], start=1):
+    theirs = _flatten(payload)
+    diffs = [f"{k}: {reference.get(k, '<unset>')!r} on process 0, {theirs.get(k, '<unset>')!r}"
+             for k in sorted(set(reference) | set(theirs)) if reference.get(k) != theirs.get(k)]
+    lines += [f"process {pid}: {d}" for d in diffs[:10]]
+  raise ConfigMismatchError(
+      f"the {jax.process_count()} processes of this job do not run the same config:\n  "
+      + "\n  ".join(lines) + "\nStart every process with the same --config, overrides and --workdir.")
