@@ -79,6 +79,36 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.ks = (10, 50, 100)
   e.user_batch_size = 512
 
+  # The item index (python -m launch.build_index). 0 means "chosen from the catalog size" by the
+  # rules in two_tower/index.py (documented in docs/serving.md).
+  c.index = x = ml_collections.ConfigDict()
+  x.brute_force_max_items = 20_000  # catalogs up to this size are searched exactly (brute force)
+  x.brute_force_int8 = False  # brute force over int8-quantized embeddings: 4x less memory
+  x.num_leaves = 0  # tree partitions; auto: round(sqrt(items))
+  x.leaves_to_search = 0  # auto: 2% of the leaves (at least 8), raised by calibration if needed
+  x.reorder_multiplier = 0.0  # exact re-ordering depth = multiplier x neighbours; auto: 4, calibrated
+  x.training_sample_size = 0  # items sampled to train the tree and the quantizer; auto: see rules
+  x.dims_per_block = 2  # asymmetric hashing: dimensions per 4-bit code
+  x.anisotropic_threshold = 0.2  # anisotropic quantization (score-aware loss) threshold
+  x.calibrate = True  # raise the auto search settings until the calibration sample meets the floor
+  x.calibration_queries = 500  # real query embeddings used to calibrate (disjoint from validation)
+  x.validation_queries = 1000  # real query embeddings used by the validation gate
+  x.min_recall_at_100 = 0.95  # validation gate: refuse to publish below these
+  x.min_recall_at_10 = 0.0
+  x.keep_versions = 3  # published versions kept on disk (the live one is always kept)
+  x.embed_batch_size = 8192  # items per jitted item-tower batch
+  x.num_threads = 0  # search threads; 0: one per core
+  x.seed = 0
+
+  # Batch candidate generation (python -m launch.score).
+  c.score = s = ml_collections.ConfigDict()
+  s.top_k = 100
+  s.exclude_history = True  # drop the user's training items; over-fetch so each user still gets K
+  s.overfetch = -1  # extra neighbours fetched per user; -1: 90th percentile of training-item counts
+  s.users_per_shard = 50_000  # users per Parquet shard (the unit of resumption)
+  s.batch_size = 4096  # users per query-tower / search batch
+  s.require_latest_checkpoint = False  # refuse a live index built from an older checkpoint
+
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1  # data-parallel axis size; -1: the devices left over by mesh.model
   ms.model = 1  # model axis size (table rows, dense outputs); -1: the devices left over by mesh.data

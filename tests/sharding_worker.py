@@ -72,8 +72,9 @@ def item_table(params):
   return params["item_tower"]["embedding"]["tables"]["item_id"]["embedding"][...]
 
 
-def step_report(rows: int, dim: int, state, step, batch, catalog, steps: int) -> dict:
-  """Trains `steps` steps; reports losses, per-device memory and whole-table buffers in the HLO."""
+def step_report(rows: int, dim: int, state, step, batch, catalog, steps: int):
+  """Trains `steps` steps: (a report of losses, per-device memory and whole-table buffers in the
+  compiled step, the trained state)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -94,7 +95,7 @@ def step_report(rows: int, dim: int, state, step, batch, catalog, steps: int) ->
     times.append(time.perf_counter() - start)
   table = item_table(state.params)
   moments = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "shape", ()) == table.shape]
-  return dict(
+  report = dict(
       losses=losses, step_s=times, table_shape=list(table.shape), table_spec=str(table.sharding.spec),
       table_bytes=table.nbytes, table_per_device_bytes=sharding.per_device_bytes(table),
       table_bytes_by_device={str(d): s.data.nbytes for d, s in
@@ -108,6 +109,19 @@ def step_report(rows: int, dim: int, state, step, batch, catalog, steps: int) ->
       looked_up_changed=bool(np.abs(np.asarray(table[looked_up]) - before[0]).max() > 0),
       untouched_unchanged=bool(np.array_equal(np.asarray(table[untouched]), before[1])),
   )
+  return report, state
+
+
+def export_report(state, schema_rows: int) -> dict:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from pipelines.schema import Feature, Schema  # pylint: disable=g-import-not-at-top
+  from two_tower import sharding  # pylint: disable=g-import-not-at-top
+  schema = Schema(features=(Feature("user_id", "user", "id", 1000),
+                            Feature("item_id", "item", "id", schema_rows)),
+                  num_users=998, num_items=schema_rows - 2, history_length=4, split_sizes={})
+  tables = sharding.export_tables(state.params, schema)
+  return {name: dict(shape=list(t.shape), sum=float(np.asarray(t, np.float64).sum()))
+          for name, t in tables.items()}
 
 
 def error_of(fn) -> str | None:
@@ -124,7 +138,8 @@ def small() -> dict:
   for over in ("model", "all"):
     c, mesh, state, step, batch, catalog = build(
         4096, dim=64, hidden=(32,), optimizer="adam", data=4, model=2, shard_tables_over=over)
-    out[over] = step_report(4096, 64, state, step, batch, catalog, steps=2)
+    out[over], state = step_report(4096, 64, state, step, batch, catalog, steps=2)
+    out[over]["export"] = export_report(state, 4096)
   out["fill"] = dict(sharding.make_mesh(_mesh_cfg(data=-1, model=2)).shape)
   out["errors"] = dict(
       mesh=error_of(lambda: sharding.make_mesh(_mesh_cfg(data=3, model=2))),
@@ -137,7 +152,8 @@ def small() -> dict:
   c, mesh, state, step, batch, catalog = build(
       4097, dim=64, hidden=(), optimizer="sgd", data=4, model=2, shard_tables_over="all",
       table_row_multiple=8, replicate_uneven_mb=0.0)
-  out["padded"] = step_report(4104, 64, state, step, batch, catalog, steps=1)
+  out["padded"], state = step_report(4104, 64, state, step, batch, catalog, steps=1)
+  out["padded"]["export"] = export_report(state, 4097)
   return out
 
 
@@ -151,7 +167,7 @@ def big() -> dict:
   _, _, state, step, batch, catalog = build(rows, dim=dim, hidden=(), optimizer="sgd", data=4,
                                             model=2, shard_tables_over="all")
   init_s = time.perf_counter() - start
-  report = step_report(rows, dim, state, step, batch, catalog, steps=2)
+  report, _ = step_report(rows, dim, state, step, batch, catalog, steps=2)
   report["init_s"] = init_s
   return report
 

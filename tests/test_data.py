@@ -228,3 +228,32 @@ def test_unknown_ids_in_interactions(tmp_path):
   d.update(source="movielens_100k", source_dir=str(tmp_path))
   with pytest.raises(DataError, match=r"item IDs that are not in the item table \(e\.g\. \[99\]\)"):
     prepare(d, str(tmp_path / "data"))
+
+
+@pytest.mark.parametrize("kind,mode", [("temporal_last_n", "before"), ("per_user_ratio", "others")])
+def test_training_history(tmp_path, kind, mode):
+  d = get_base_config().data
+  d.synthetic.update(num_users=50, num_items=40, num_interactions=1500, num_categories=4)
+  d.split.kind = kind
+  d.history_length = 6
+  data = prepare(d, str(tmp_path / "data"))
+  examples = data.builder.as_data_source("train")
+  item_id = data.table("item", "item_id")
+  user_history = data.table("user", "history")
+  users, items = data.pairs("train")
+  raw = synthetic.generate(d.synthetic)[0].interactions
+  ts_of = {}
+  for u, i, t in zip(raw["user_id"], raw["item_id"], raw["timestamp"]):
+    ts_of.setdefault((int(u), int(i)), []).append(int(t))
+  for k in range(0, len(examples), 37):
+    ex = examples[k]
+    hist = [h for h in ex["history"].tolist() if h != PAD]
+    target = int(item_id[ex["item_index"]])
+    if mode == "others":
+      expected = [h for h in user_history[ex["user_index"]].tolist() if h not in (PAD, target)]
+      assert hist == expected
+    else:
+      # Every history item was seen by the user no later than this example.
+      own = {int(item_id[i]): min(ts_of[(int(ex["user_index"]), int(i))])
+             for i in items[users == ex["user_index"]]}
+      assert all(own[h] <= ex["timestamp"] for h in hist)

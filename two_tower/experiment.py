@@ -25,7 +25,8 @@ from two_tower.state import TrainState, create_train_state
 # Settings that may change between runs in one work directory: they do not change the result.
 RUNTIME_KEYS = ("train.log_every_steps", "train.checkpoint_every_steps",
                 "train.max_checkpoints_to_keep", "train.eval_every_steps", "data.worker_count",
-                "data.prefetch_buffer_size", "data.data_dir", "data.cache", "mesh.", "eval.")
+                "data.prefetch_buffer_size", "data.data_dir", "data.cache", "loss.row_chunk", "mesh.",
+                "eval.", "index.", "score.")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -34,10 +34,11 @@ def write_json_atomic(path: str, payload: Any) -> None:
 class Reporter:
   """Steps/s and ETA on a progress bar, scalars to TensorBoard; no-ops off process 0."""
 
-  def __init__(self, logdir: str, *, total_steps: int, initial_step: int, desc: str = "train"):
+  def __init__(self, logdir: str, *, total_steps: int, initial_step: int, desc: str = "train",
+               unit: str = "step"):
     self.active = jax.process_index() == 0
     self._writer = SummaryWriter(logdir) if self.active else None
-    self._bar = tqdm(total=total_steps, initial=initial_step, desc=desc, unit="step",
+    self._bar = tqdm(total=total_steps, initial=initial_step, desc=desc, unit=unit,
                      dynamic_ncols=True, disable=not self.active,
                      mininterval=0.5 if sys.stderr.isatty() else 10.0)
 

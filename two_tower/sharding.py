@@ -174,7 +174,7 @@ def _fit(name: str, spec: P, shape: tuple[int, ...], itemsize: int, mesh: Mesh,
     if axes and shape[dim] % shards:
       nbytes = math.prod(shape) * itemsize
       if nbytes > replicate_bytes:
-        divisors = [d for d in range(2, mesh.devices.size + 1) if shape[dim] % d == 0]
+        divisors = [d for d in range(2, mesh.size + 1) if shape[dim] % d == 0]
         raise ValueError(
             f"parameter {name} of shape {shape} ({nbytes / 2**20:.1f} MiB) cannot be sharded: its "
             f"dimension {dim} ({shape[dim]}) does not divide the {shards} devices of mesh axes "
@@ -245,3 +245,29 @@ def describe(params) -> list[str]:
       shard = x.addressable_shards[0].data.shape
       lines.append(f"{_path_str(path):60s} {str(tuple(x.shape)):16s} {str(spec):28s} {tuple(shard)}")
   return lines
+
+# ----------------------------------------------------------------------------- export
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The global value of `x` as one numpy array, on every process (gathers the shards)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def export_tables(params, schema: Schema) -> dict[str, np.ndarray]:
+  """Unsharded copies of the embedding tables: {"user/<feature>" | "item/<feature>": [rows, dim]}.
+
+  One table at a time is gathered to host memory; the rows added by table_row_multiple are
+  dropped, so row i is vocabulary index i whatever the mesh or padding the model trained with.
+  """
+  rows = {f.name: f.vocab_size for f in schema.features}
+  out = {}
+  for tower, side in (("query_tower", "user"), ("item_tower", "item")):
+    tables = params[tower]["embedding"]["tables"]
+    for name in sorted(tables.keys()):
+      out[f"{side}/{name}"] = to_host(tables[name]["embedding"][...])[:rows[name]]
+  return out
+

@@ -23,7 +23,7 @@ from two_tower import features as feats
 from two_tower import sharding
 from two_tower.evaluation import Evaluator
 from two_tower.experiment import setup
-from two_tower.losses import sampled_softmax_loss
+from two_tower.losses import dedupe_candidates, sampled_softmax_loss
 from two_tower.optim import learning_rate_schedule
 from two_tower.reporting import Reporter, Stopwatch, write_json_atomic
 from two_tower.state import TrainState
@@ -39,32 +39,30 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
   loss_cfg = config.loss
   sampling_prob = catalog["item"][feats.SAMPLING_PROB]
   num_items = sampling_prob.shape[0]
-  batch_size = batch["item_index"].shape[0]
+  num_shards = mesh.shape[sharding.DATA]
   num_negatives = loss_cfg.num_uniform_negatives
   negatives = None
   if num_negatives > 0:
     key = jax.random.fold_in(jax.random.key(config.seed), state.step)
     negatives = jax.random.randint(key, (num_negatives,), 0, num_items)
-
-  def log_q(items):
-    # Expected count of each candidate in the sampled set: batch * popularity + uniform share.
-    if not loss_cfg.logq_correction:
-      return None
-    return jnp.log(batch_size * sampling_prob[items] + num_negatives / num_items)
+  unique_items, positive, counts = dedupe_candidates(
+      batch["item_index"], negatives, num_items=num_items, num_shards=num_shards,
+      global_negatives=loss_cfg.global_negatives)
+  log_q = None
+  if loss_cfg.logq_correction:
+    # Expected count of each candidate among a query's negatives: in-batch rows * popularity,
+    # plus its share of the uniform negatives.
+    rows = batch["item_index"].shape[0] // (1 if loss_cfg.global_negatives else num_shards)
+    log_q = jnp.log(rows * sampling_prob[unique_items] + num_negatives / num_items)
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params)
     queries = model.embed_queries(feats.query_features(catalog, batch["user_index"], batch["history"]))
-    items = model.embed_items(feats.item_features(catalog, batch["item_index"]))
-    extra = {}
-    if negatives is not None:
-      extra = dict(extra_items=model.embed_items(feats.item_features(catalog, negatives)),
-                   extra_ids=negatives, extra_log_q=log_q(negatives))
+    candidates = model.embed_items(feats.item_features(catalog, unique_items))
     return sampled_softmax_loss(
-        queries, items, batch["item_index"], batch["weight"], mesh=mesh,
-        log_q=log_q(batch["item_index"]), global_negatives=loss_cfg.global_negatives,
+        queries, candidates, positive, counts, batch["weight"], mesh=mesh, log_q=log_q,
         remove_accidental_hits=loss_cfg.remove_accidental_hits, reduction=loss_cfg.reduction,
-        row_chunk=loss_cfg.row_chunk, **extra)
+        row_chunk=loss_cfg.row_chunk)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

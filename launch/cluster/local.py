@@ -75,7 +75,7 @@ def launch(command: Sequence[str], num_processes: int, devices_per_process: int 
       pump.start()
       pumps.append(pump)
     status = 0
-    while any(p.poll() is None for p in procs):
+    while None in [p.poll() for p in procs]:  # a list: poll every process, every time
       failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
       if failed:
         status = failed[0]

@@ -1,0 +1,48 @@
+"""Generates every user's top-K candidates from the live index, as Parquet shards:
+
+  python -m launch.score --workdir=DIR --output=OUT [--user_ids=FILE] [--top_k=K]
+
+OUT/part-NNNNN.parquet holds user_id, rank, item_id, score, model_step, index_version; OUT/_SUCCESS
+(written last) the counts. Rerun the same command after a crash: finished shards are skipped.
+--user_ids: a text file with one user ID per line (unknown IDs are reported and skipped).
+Settings come from config.score of DIR/config.json (or --config with overrides). See
+docs/serving.md.
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+from two_tower import candidates
+from two_tower import distributed
+
+_WORKDIR = common.define_workdir()
+_OUTPUT = flags.DEFINE_string("output", None, "Output directory for the Parquet shards.",
+                              required=True)
+_USER_IDS = flags.DEFINE_string("user_ids", None, "Optional file of user IDs, one per line.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Candidates per user (default: config.score.top_k).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Optional: the work directory's training config with --config.score.* "
+    "overrides (default: DIR/config.json).")
+
+
+def run(workdir: str, output: str, user_ids: str | None, top_k: int | None, config) -> None:
+  success = candidates.generate_candidates(workdir, output, user_ids_file=user_ids, top_k=top_k,
+                                           config=config)
+  common.print_json("candidates", success)
+  print("artifacts:")
+  print(f"  {'candidates':14s} {os.path.join(output, 'part-*.parquet')}")
+  print(f"  {'success':14s} {os.path.join(output, candidates.SUCCESS)}")
+
+
+def main(argv):
+  del argv
+  common.run_cli(distributed.initialize)  # jax.distributed, before JAX touches devices
+  common.run_cli(lambda: run(_WORKDIR.value, _OUTPUT.value, _USER_IDS.value, _TOP_K.value,
+                             _CONFIG.value))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=common.parse_flags)

@@ -1,0 +1,206 @@
+"""The item index: size rules, validation gate, versioned publishing, crashes, rollback, integrity."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from configs.base import get_base_config
+from conftest import run_module
+from two_tower import index
+from two_tower.experiment import load_workdir_config
+
+
+class Crash(BaseException):
+  """A hard crash: not an Exception, so no cleanup handler runs (like a killed process)."""
+
+
+def _crash_at(stage):
+  def hook(name):
+    if name == stage:
+      raise Crash(stage)
+  return hook
+
+
+def _config(workdir, **index_overrides):
+  config = index.serving_config(load_workdir_config(workdir))
+  config.index.update(index_overrides)
+  return config
+
+
+@pytest.fixture
+def workdir(trained_workdir, tmp_path):
+  """A private copy of the trained work directory (tests publish into it)."""
+  path = str(tmp_path / "work")
+  shutil.copytree(trained_workdir, path, ignore=shutil.ignore_patterns("index", "candidates"))
+  return path
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def test_size_rules():
+  cfg = get_base_config().index
+  small, auto = index.choose_settings(20_000, cfg)
+  assert small.mode == "brute_force" and auto == ()
+  big, auto = index.choose_settings(1_000_000, cfg)
+  assert (big.mode, big.num_leaves, big.leaves_to_search, big.reorder_multiplier,
+          big.training_sample_size) == ("tree_ah", 1000, 20, 4.0, 100_000)
+  assert auto == ("leaves_to_search", "reorder_multiplier")
+  assert big.reorder_depth(100) == 400 and big.reorder_depth(10) == 120
+  huge, _ = index.choose_settings(10_000_000, cfg)
+  assert (huge.num_leaves, huge.leaves_to_search, huge.training_sample_size) == (3162, 64, 202_368)
+  cfg.update(num_leaves=500, leaves_to_search=30, reorder_multiplier=2.5, training_sample_size=7000)
+  fixed, auto = index.choose_settings(1_000_000, cfg)
+  assert (fixed.num_leaves, fixed.leaves_to_search, fixed.reorder_multiplier,
+          fixed.training_sample_size) == (500, 30, 2.5, 7000)
+  assert auto == ()  # set values are never calibrated
+  cfg.num_leaves = 2_000_000
+  with pytest.raises(ValueError, match="larger than the catalog"):
+    index.choose_settings(1_000_000, cfg)
+
+
+def test_exact_top_k_blocks_match_numpy():
+  rng = np.random.default_rng(0)
+  items = rng.standard_normal((1000, 8)).astype(np.float32)
+  queries = rng.standard_normal((7, 8)).astype(np.float32)
+  scores, rows = index.exact_top_k(queries, items, 5, item_block=128, max_score_bytes=4 * 128 * 3)
+  want = np.argsort(-(queries @ items.T), axis=1)[:, :5]
+  np.testing.assert_array_equal(rows, want)
+  np.testing.assert_allclose(scores, np.take_along_axis(queries @ items.T, want, 1), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- build + publish
+
+
+def test_build_publishes_verified_version(workdir):
+  manifest = index.build_index(workdir, _config(workdir))
+  root = os.path.join(workdir, "index")
+  assert open(os.path.join(root, index.LIVE)).read().strip() == manifest["version"] == "v000001"
+  assert manifest["settings"]["mode"] == "brute_force"  # 200 items: exact search
+  assert manifest["model_step"] == int(sorted(os.listdir(os.path.join(workdir, "checkpoints")),
+                                              key=lambda d: int(d) if d.isdigit() else -1)[-1])
+  assert manifest["num_items"] == 200 and manifest["dim"] == 64
+  assert manifest["validation"]["recall@10"] == 1.0 and manifest["validation"]["recall@100"] == 1.0
+  for key in ("queries_per_s@10", "queries_per_s@100"):
+    assert manifest["validation"][key] > 0
+  assert any(name.startswith("scann/") for name in manifest["files"])
+  assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
+  with open(os.path.join(root, manifest["version"], index.MANIFEST)) as f:
+    assert json.load(f) == manifest
+  loaded = index.open_live(root)
+  queries = np.asarray(loaded.item_embeddings[:3]) * 2
+  rows, scores = loaded.search(queries, 10)
+  want_scores, want_rows = index.exact_top_k(queries, loaded.item_embeddings, 10)
+  np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+  ids = np.load(os.path.join(root, "v000001", "embeddings", "item_ids.p00000.npy"))
+  assert len(ids) == 200 and ids.dtype.kind in "iu"  # original IDs, stored with the embeddings
+
+
+def test_tree_index_is_calibrated_to_the_floor(workdir):
+  manifest = index.build_index(workdir, _config(workdir, brute_force_max_items=0))
+  settings = manifest["settings"]
+  assert settings["mode"] == "tree_ah" and settings["num_leaves"] == 14  # round(sqrt(200))
+  assert manifest["validation"]["recall@100"] >= 0.95
+  assert manifest["calibration"], "the automatic search settings were calibrated"
+  loaded = index.open_live(os.path.join(workdir, "index"))
+  assert loaded.settings.mode == "tree_ah"
+
+
+def test_validation_gate_refuses_to_publish(workdir):
+  first = index.build_index(workdir, _config(workdir))
+  with pytest.raises(index.IndexValidationError, match="nothing was published"):
+    index.build_index(workdir, _config(workdir, brute_force_max_items=0, leaves_to_search=1,
+                                       reorder_multiplier=1.0, num_leaves=14))
+  store = index.IndexStore(os.path.join(workdir, "index"))
+  assert store.live() == first["version"] and store.versions() == [first["version"]]
+  assert store.incomplete() == []  # the refused version left nothing behind
+
+
+@pytest.mark.parametrize("stage", ["embedded", "serialized", "manifest"])
+def test_crash_while_publishing_keeps_the_old_version_live(workdir, stage):
+  first = index.build_index(workdir, _config(workdir))
+  with pytest.raises(Crash):
+    index.build_index(workdir, _config(workdir), hook=_crash_at(stage))
+  store = index.IndexStore(os.path.join(workdir, "index"))
+  assert store.live() == first["version"]
+  assert index.open_live(store.root).version == first["version"]  # still loads and verifies
+  if stage == "manifest":  # complete, but never made live
+    assert store.versions() == [first["version"], "v000002"]
+  else:
+    assert store.incomplete() == ["v000002"]
+  again = index.build_index(workdir, _config(workdir))
+  assert store.live() == again["version"] == "v000003"
+  assert store.incomplete() == []
+
+
+def test_keep_last_versions_and_rollback(workdir):
+  config = _config(workdir, keep_versions=2)
+  versions = [index.build_index(workdir, config)["version"] for _ in range(3)]
+  store = index.IndexStore(os.path.join(workdir, "index"))
+  assert store.versions() == versions[1:] and store.live() == versions[2]
+  result = index.rollback(workdir)
+  assert result["live"] == versions[1] and result["previous"] == versions[2]
+  assert store.live() == versions[1]
+  with pytest.raises(ValueError, match="nothing to roll back"):
+    index.rollback(workdir)
+  assert store.live() == versions[1]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_corrupt_truncated_and_mismatched_index(workdir):
+  manifest = index.build_index(workdir, _config(workdir))
+  root = os.path.join(workdir, "index")
+  directory = os.path.join(root, manifest["version"])
+  dataset = os.path.join(directory, "scann", "dataset.npy")
+  original = open(dataset, "rb").read()
+
+  with open(dataset, "wb") as f:  # truncated
+    f.write(original[:len(original) // 2])
+  with pytest.raises(index.IndexIntegrityError, match="bytes, the manifest says"):
+    index.open_live(root)
+  with open(dataset, "wb") as f:  # same size, one byte flipped
+    f.write(original[:-1] + bytes([original[-1] ^ 1]))
+  with pytest.raises(index.IndexIntegrityError, match="checksum"):
+    index.open_live(root)
+  with open(dataset, "wb") as f:
+    f.write(original)
+  loaded = index.open_live(root)
+
+  ids = loaded.item_ids
+  loaded.check_model(dim=64, step=manifest["model_step"], item_ids=ids)
+  with pytest.raises(index.IndexMismatchError, match="dimension 64 in the index, 32 in the model"):
+    loaded.check_model(dim=32, step=manifest["model_step"], item_ids=ids)
+  with pytest.raises(index.IndexMismatchError, match="step"):
+    loaded.check_model(dim=64, step=manifest["model_step"] + 1, item_ids=ids)
+  with pytest.raises(index.IndexMismatchError, match="item IDs differ"):
+    loaded.check_model(dim=64, step=manifest["model_step"], item_ids=ids[::-1])
+
+  with open(os.path.join(directory, index.MANIFEST), "w") as f:
+    f.write('{"format": 1, "files": ')  # torn manifest
+  with pytest.raises(index.IndexIntegrityError, match="corrupt"):
+    index.open_live(root)
+
+
+def test_cli_errors_and_rollback(workdir, tmp_path):
+  empty = tmp_path / "untrained"
+  empty.mkdir()
+  shutil.copy(os.path.join(workdir, "config.json"), empty / "config.json")
+  proc = run_module("launch.build_index", f"--workdir={empty}")
+  assert proc.returncode == 2 and "no checkpoint" in proc.stderr, proc.stderr[-2000:]
+
+  proc = run_module("launch.build_index", f"--workdir={workdir}", "--config=tests/tiny_config.py",
+                    "--config.index.min_recall_at_100=1.01")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "failed validation" in proc.stderr and "nothing was published" in proc.stderr
+  assert not os.path.exists(os.path.join(workdir, "index", index.LIVE))
+
+  proc = run_module("launch.build_index", f"--workdir={workdir}", "--rollback")
+  assert proc.returncode == 2 and "no live index" in proc.stderr, proc.stderr[-2000:]
+

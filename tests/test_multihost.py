@@ -1,0 +1,268 @@
+"""Multi-device and multi-process training give the results of one device; checkpoints move
+between meshes; multi-process start-up fails clearly.
+
+Every run trains the same tiny job (conftest.tiny_config, 4 steps, one shared prepared dataset):
+the reference on this process's single CPU device, the others in subprocesses with 8 CPU devices,
+2 devices, or 2 processes x 2 devices under jax.distributed (launch.cluster.local).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import train_worker
+from conftest import ROOT, run_module, tiny_config
+from launch.cluster import local
+from two_tower import distributed
+
+STEPS = 4
+PARAMS_TOL = dict(rtol=1e-4, atol=5e-5)  # a step moves parameters by ~lr = 3e-3
+LOSS_TOL = dict(rtol=1e-5)
+
+
+@dataclasses.dataclass
+class Run:
+  losses: dict[int, float]
+  params: dict[int, dict[str, np.ndarray]]  # step -> name -> value
+  opt_state: dict[str, np.ndarray]
+  meta: dict
+
+
+def load_run(path: str) -> Run:
+  with np.load(path) as f:
+    meta = json.loads(str(f["meta"]))
+    params, opt = {}, {}
+    for key in f.files:
+      if key.startswith("params/"):
+        _, step, name = key.split("/", 2)
+        params.setdefault(int(step), {})[name] = f[key]
+      elif key.startswith("opt_state/"):
+        opt[key[len("opt_state/"):]] = f[key]
+  return Run({int(k): v for k, v in meta["losses"].items()}, params, opt, meta)
+
+
+def worker_args(workdir, data_dir, out, *extra) -> list[str]:
+  return [f"--workdir={workdir}", f"--data_dir={data_dir}", f"--out={out}", f"--steps={STEPS}",
+          "--checkpoint_every=2", *extra]
+
+
+def run_worker_subprocess(devices: int, *args: str) -> None:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "train_worker.py"), *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def assert_same_params(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: str) -> None:
+  assert sorted(got) == sorted(want), what
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], err_msg=f"{what}: {name}", **PARAMS_TOL)
+
+
+def assert_same_losses(got: dict[int, float], want: dict[int, float], steps) -> None:
+  np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], **LOSS_TOL)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  return tmp_path_factory.mktemp("multihost")
+
+
+@pytest.fixture(scope="module")
+def data_dir(root):
+  return str(root / "data")
+
+
+@pytest.fixture(scope="module")
+def reference(root, data_dir) -> Run:
+  """One device, in this process: the run every other layout must reproduce."""
+  out = str(root / "reference.npz")
+  train_worker.main(worker_args(root / "reference", data_dir, out))
+  run = load_run(out)
+  assert run.meta["device_count"] == 1 and sorted(run.params) == list(range(1, STEPS + 1))
+  return run
+
+
+@pytest.fixture(scope="module")
+def eight_devices(root, data_dir, reference) -> Run:
+  del reference  # prepares the shared dataset first
+  out = str(root / "mesh_4x2.npz")
+  run_worker_subprocess(8, *worker_args(root / "mesh_4x2", data_dir, out, "--mesh_data=4",
+                                        "--mesh_model=2"))
+  return load_run(out)
+
+
+def test_8_devices_data4_model2_match_1_device(reference, eight_devices):
+  assert eight_devices.meta["summary"]["mesh"] == {"data": 4, "model": 2}
+  assert eight_devices.meta["device_count"] == 8
+  # The item-ID table (202 rows) is split over the model axis: each device holds half.
+  table = "item_tower/embedding/tables/item_id/embedding"
+  assert eight_devices.meta["specs"][table] == "P('model',)"
+  assert eight_devices.meta["per_device_bytes"][table] * 2 == reference.meta["per_device_bytes"][table]
+  assert_same_losses(eight_devices.losses, reference.losses, range(1, STEPS + 1))
+  for step in range(1, STEPS + 1):
+    assert_same_params(eight_devices.params[step], reference.params[step], f"step {step}")
+  assert_same_params(eight_devices.opt_state, reference.opt_state, "optimizer state")
+
+
+def test_2_processes_x_2_devices_match_1_device(root, data_dir, reference):
+  """The documented local multi-process command, end to end: launch.train under jax.distributed."""
+  workdir = root / "processes_2x2"
+  cmd = [sys.executable, "-m", "launch.train", "--config=tests/tiny_config.py",
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+         f"--config.train.num_steps={STEPS}", "--config.train.log_every_steps=1",
+         "--config.train.checkpoint_every_steps=1", "--config.train.max_checkpoints_to_keep=10",
+         "--config.mesh.data=2", "--config.mesh.model=2"]
+  log = _Log()
+  code = local.launch(cmd, num_processes=2, devices_per_process=2, cwd=ROOT, out=log, timeout_s=120)
+  assert code == 0, log.text[-6000:]
+  summary = json.loads((workdir / "train_summary.json").read_text())
+  assert summary["mesh"] == {"data": 2, "model": 2} and summary["steps"] == STEPS
+  losses = train_worker.read_scalars(str(workdir / "tensorboard"), "train/loss")
+  assert_same_losses(losses, reference.losses, range(1, STEPS + 1))
+  # What the two processes wrote together, read back on this process's single device.
+  for step in range(1, STEPS + 1):
+    state = _restore(workdir, step, root)
+    assert_same_params(_flat(state.params), reference.params[step], f"step {step}")
+  assert_same_params(_flat(state.opt_state), reference.opt_state, "optimizer state")
+
+
+@pytest.mark.parametrize("devices,mesh", [(2, ("--mesh_data=2", "--mesh_model=1")), (1, ())])
+def test_checkpoint_from_mesh_4x2_continues_on_other_meshes(root, data_dir, reference,
+                                                            eight_devices, devices, mesh):
+  """Saved on data=4, model=2 at step 2; restored on data=2, model=1 and on 1 device; trained on."""
+  del eight_devices  # its work directory holds the checkpoints
+  workdir = root / f"resume_{devices}"
+  shutil.copytree(root / "mesh_4x2", workdir)
+  for later in (workdir / "checkpoints").iterdir():
+    if later.name.isdigit() and int(later.name) > 2:
+      shutil.rmtree(later)
+  out = str(root / f"resume_{devices}.npz")
+  args = worker_args(workdir, data_dir, out, *mesh)
+  if devices == 1:
+    train_worker.main(args)
+  else:
+    run_worker_subprocess(devices, *args)
+  run = load_run(out)
+  assert sorted(run.params) == [3, 4]  # it resumed at step 2
+  assert run.meta["device_count"] == devices
+  assert_same_losses(run.losses, reference.losses, (3, 4))
+  for step in (3, 4):
+    assert_same_params(run.params[step], reference.params[step], f"step {step}")
+  assert_same_params(run.opt_state, reference.opt_state, "optimizer state")
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_processes_that_disagree_on_the_config_stop(root, data_dir, reference):
+  del reference
+  # Each process gets its own seed: the config check must stop both, naming the difference.
+  cmd = ["sh", "-c", f"exec {sys.executable} -m launch.train --config=tests/tiny_config.py "
+         f"--workdir={root / 'mismatch'} --config.data.data_dir={data_dir} "
+         "--config.seed=$JAX_PROCESS_ID"]
+  log = _Log()
+  code = local.launch(cmd, num_processes=2, cwd=ROOT, out=log, timeout_s=60)
+  assert code == 2, log.text[-4000:]
+  for pid in (0, 1):
+    assert f"[p{pid}] error: the 2 processes of this job do not run the same config" in log.text
+  assert "process 1: config.seed: 0 on process 0, 1" in log.text
+
+
+def test_unreachable_coordinator_times_out_naming_the_address(tmp_path):
+  address = f"127.0.0.1:{local.free_port()}"  # nothing listens there
+  start = time.monotonic()
+  proc = run_module("launch.train", f"--workdir={tmp_path}", f"--coordinator_address={address}",
+                    "--num_processes=2", "--process_id=1", "--distributed_timeout=2", timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert f"error: could not reach the JAX coordinator at {address} within 2 s" in proc.stderr
+  assert time.monotonic() - start < 60
+
+
+def test_incomplete_multiprocess_settings():
+  with pytest.raises(ValueError, match="missing the coordinator address and the process id"):
+    distributed.resolve(env={"JAX_NUM_PROCESSES": "2"}, detect=False)
+  with pytest.raises(ValueError, match="process id 2 is not in"):
+    distributed.resolve("h:1", 2, 2, env={}, detect=False)
+  with pytest.raises(ValueError, match="not HOST:PORT"):
+    distributed.resolve("h", 2, 1, env={}, detect=False)
+  settings = distributed.resolve(env={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+                                      "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}, detect=False)
+  assert (settings.coordinator_address, settings.num_processes, settings.process_id) == (
+      "10.0.0.1:1234", 4, 3)
+  assert distributed.resolve(env={}, detect=False).num_processes == 1
+
+
+def test_coordinator_port_in_use_is_named():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("", 0))
+    s.listen()
+    port = s.getsockname()[1]
+    with pytest.raises(ValueError, match=f"cannot start the JAX coordinator on port {port}"):
+      distributed._check_port_free(f"127.0.0.1:{port}")  # pylint: disable=protected-access
+
+
+def test_config_hash_covers_config_and_workdir():
+  a, b = tiny_config(), tiny_config()
+  assert distributed.config_hash(a, "/w") == distributed.config_hash(b, "/w")
+  b.seed = 1
+  assert distributed.config_hash(a, "/w") != distributed.config_hash(b, "/w")
+  assert distributed.config_hash(a, "/w") != distributed.config_hash(a, "/v")
+  distributed.assert_same_config(a, "/w")  # one process: nothing to compare
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class _Log:
+  """A text sink for the launcher's [pI]-prefixed output."""
+
+  def __init__(self):
+    self.parts: list[str] = []
+
+  def write(self, text: str) -> None:
+    self.parts.append(text)
+
+  def flush(self) -> None:
+    pass
+
+  @property
+  def text(self) -> str:
+    return "".join(self.parts)
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+  import jax  # pylint: disable=g-import-not-at-top
+  from two_tower.sharding import _path_str  # pylint: disable=g-import-not-at-top
+  return {_path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _restore(workdir, step: int, root):
+  """The checkpoint of `workdir` at `step`, onto the reference run's single-device state."""
+  from two_tower.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from two_tower.experiment import setup  # pylint: disable=g-import-not-at-top
+  global _TARGET
+  if _TARGET is None:
+    config = tiny_config()
+    config.data.data_dir = str(root / "data")
+    config.train.num_steps = STEPS
+    s = setup(config, str(root / "reference"))
+    s.checkpointer.close()
+    _TARGET = s.state
+  checkpointer = Checkpointer(str(workdir / "checkpoints"), max_to_keep=10, save_interval_steps=1)
+  try:
+    return checkpointer.restore(step, _TARGET)
+  finally:
+    checkpointer.close()
+
+
+_TARGET = None
