@@ -73,6 +73,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every_steps = 200
   t.max_checkpoints_to_keep = 3
   t.eval_every_steps = 0  # 0: no periodic validation
+  # With periodic validation: keep the best state by this validation metric (e.g. "ndcg@10"),
+  # which evaluation, indexing and scoring then use, and stop after `early_stopping_evals`
+  # validations without improvement (0: never stop early).
+  t.select_by = ""
+  t.early_stopping_evals = 0
 
   c.eval = e = ml_collections.ConfigDict()
   e.split = "test"

@@ -110,8 +110,14 @@ def test_candidates_are_the_exact_top_k_without_training_items(indexed, scored):
   table = _read(output)
   assert table.schema.names == ["user_id", "rank", "item_id", "score", "model_step", "index_version"]
   assert [str(t) for t in table.schema.types] == ["int64", "int32", "int64", "float", "int64", "string"]
-  assert success["users"] == num_users and success["rows"] == num_users * 100 == table.num_rows
-  assert success["users_with_fewer_than_k"] == 0 and success["unknown_user_ids"] == 0
+  # Every user gets 100 unless their training items leave fewer in the catalog.
+  train_users, train_items = data.pairs("train")
+  history = np.bincount(np.unique(np.stack([train_users, train_items], 1), axis=0)[:, 0],
+                        minlength=num_users)
+  expected = np.minimum(100, num_items - history)
+  assert success["users"] == num_users and success["rows"] == expected.sum() == table.num_rows
+  assert success["users_with_fewer_than_k"] == (expected < 100).sum()
+  assert success["unknown_user_ids"] == 0
   assert os.path.exists(os.path.join(output, candidates.SUCCESS))
 
   loaded = index.open_live(os.path.join(indexed, "index"))
@@ -120,7 +126,6 @@ def test_candidates_are_the_exact_top_k_without_training_items(indexed, scored):
   df = {name: table.column(name).to_numpy() for name in ("user_id", "rank", "item_id", "score")}
   user_raw = np.asarray(data.table("user", "raw_id"))
   item_raw = np.asarray(data.table("item", "raw_id"))
-  train_users, train_items = data.pairs("train")
   trained = set(zip(user_raw[train_users].tolist(), item_raw[train_items].tolist()))
   assert not any((u, i) in trained for u, i in zip(df["user_id"].tolist(), df["item_id"].tolist()))
   # Check a few users against brute force over the index's embeddings and the query tower.
@@ -131,10 +136,11 @@ def test_candidates_are_the_exact_top_k_without_training_items(indexed, scored):
   scores = queries @ np.asarray(loaded.item_embeddings).T
   for u in range(5):
     mine = df["user_id"] == user_raw[u]
-    assert df["rank"][mine].tolist() == list(range(1, 101))
+    assert df["rank"][mine].tolist() == list(range(1, expected[u] + 1))
     order = [i for i in np.argsort(-scores[u], kind="stable") if (user_raw[u], item_raw[i]) not in trained]
-    np.testing.assert_allclose(df["score"][mine], scores[u][order[:100]], rtol=1e-4, atol=1e-5)
-    assert set(df["item_id"][mine][:90].tolist()) <= set(item_raw[order[:100]].tolist())
+    np.testing.assert_allclose(df["score"][mine], scores[u][order[:expected[u]]], rtol=1e-4,
+                               atol=1e-5)
+    assert set(df["item_id"][mine][:90].tolist()) <= set(item_raw[order[:expected[u]]].tolist())
   assert num_items == len(item_raw)
 
 
@@ -198,7 +204,7 @@ def test_user_id_list_with_unknown_ids(indexed, tmp_path):
 def test_bad_input_errors(indexed, trained_workdir, tmp_path):
   with pytest.raises(ValueError, match="larger than the catalog"):
     candidates.generate_candidates(indexed, str(tmp_path / "a"), top_k=201, config=_config(indexed))
-  assert not os.path.exists(tmp_path / "a" / candidates.JOB)
+  assert not os.path.exists(tmp_path / "a")
 
   # An index whose manifest names another dimension / a checkpoint that does not exist.
   work = str(tmp_path / "work")
@@ -221,14 +227,16 @@ def test_bad_input_errors(indexed, trained_workdir, tmp_path):
   shutil.rmtree(os.path.join(work, "checkpoints"))
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     candidates.generate_candidates(work, str(tmp_path / "b"), config=_config(work))
-  assert not os.path.exists(tmp_path / "b" / candidates.JOB)
+  assert not os.path.exists(tmp_path / "b")  # nothing written for any of these
 
 
-def test_cli(indexed, tmp_path):
+def test_cli(indexed, tmp_path, capsys):
   output = str(tmp_path / "out")
   proc = run_module("launch.score", f"--workdir={indexed}", f"--output={output}", "--top_k=5")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert '"rows": 1500' in proc.stdout and "part-*.parquet" in proc.stdout
-  proc = run_module("launch.score", f"--workdir={indexed}", f"--output={tmp_path / 'x'}",
-                    "--top_k=1000")
-  assert proc.returncode == 2 and "larger than the catalog" in proc.stderr, proc.stderr[-2000:]
+  assert '"users": 300' in proc.stdout and "part-*.parquet" in proc.stdout
+  assert _read(output).num_rows == 1500
+  from launch import common
+  with pytest.raises(SystemExit) as exit_info:
+    common.run_cli(lambda: candidates.generate_candidates(indexed, str(tmp_path / "x"), top_k=1000))
+  assert exit_info.value.code == 2 and "larger than the catalog" in capsys.readouterr().err

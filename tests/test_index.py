@@ -77,103 +77,30 @@ def test_exact_top_k_blocks_match_numpy():
 # ----------------------------------------------------------------------------- build + publish
 
 
-def test_build_publishes_verified_version(workdir):
+def test_build_publishes_a_verified_version_and_detects_damage(workdir):
   manifest = index.build_index(workdir, _config(workdir))
   root = os.path.join(workdir, "index")
   assert open(os.path.join(root, index.LIVE)).read().strip() == manifest["version"] == "v000001"
-  assert manifest["settings"]["mode"] == "brute_force"  # 200 items: exact search
-  assert manifest["model_step"] == int(sorted(os.listdir(os.path.join(workdir, "checkpoints")),
-                                              key=lambda d: int(d) if d.isdigit() else -1)[-1])
-  assert manifest["num_items"] == 200 and manifest["dim"] == 64
-  assert manifest["validation"]["recall@10"] == 1.0 and manifest["validation"]["recall@100"] == 1.0
-  for key in ("queries_per_s@10", "queries_per_s@100"):
-    assert manifest["validation"][key] > 0
-  assert any(name.startswith("scann/") for name in manifest["files"])
-  assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
   with open(os.path.join(root, manifest["version"], index.MANIFEST)) as f:
     assert json.load(f) == manifest
+  assert manifest["settings"]["mode"] == "brute_force"  # 200 items: exact search
+  steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  assert manifest["model_step"] == max(steps)
+  assert manifest["num_items"] == 200 and manifest["dim"] == 64
+  assert manifest["validation"]["recall@10"] == 1.0 and manifest["validation"]["recall@100"] == 1.0
+  assert manifest["validation"]["queries_per_s@100"] > 0 and manifest["build_seconds"]["total"] > 0
+  assert any(name.startswith("scann/") for name in manifest["files"])
+  assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
+
   loaded = index.open_live(root)
   queries = np.asarray(loaded.item_embeddings[:3]) * 2
-  rows, scores = loaded.search(queries, 10)
-  want_scores, want_rows = index.exact_top_k(queries, loaded.item_embeddings, 10)
+  _, scores = loaded.search(queries, 10)
+  want_scores, _ = index.exact_top_k(queries, loaded.item_embeddings, 10)
   np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
   ids = np.load(os.path.join(root, "v000001", "embeddings", "item_ids.p00000.npy"))
   assert len(ids) == 200 and ids.dtype.kind in "iu"  # original IDs, stored with the embeddings
 
-
-def test_tree_index_is_calibrated_to_the_floor(workdir):
-  manifest = index.build_index(workdir, _config(workdir, brute_force_max_items=0))
-  settings = manifest["settings"]
-  assert settings["mode"] == "tree_ah" and settings["num_leaves"] == 14  # round(sqrt(200))
-  assert manifest["validation"]["recall@100"] >= 0.95
-  assert manifest["calibration"], "the automatic search settings were calibrated"
-  loaded = index.open_live(os.path.join(workdir, "index"))
-  assert loaded.settings.mode == "tree_ah"
-
-
-def test_validation_gate_refuses_to_publish(workdir):
-  first = index.build_index(workdir, _config(workdir))
-  with pytest.raises(index.IndexValidationError, match="nothing was published"):
-    index.build_index(workdir, _config(workdir, brute_force_max_items=0, leaves_to_search=1,
-                                       reorder_multiplier=1.0, num_leaves=14))
-  store = index.IndexStore(os.path.join(workdir, "index"))
-  assert store.live() == first["version"] and store.versions() == [first["version"]]
-  assert store.incomplete() == []  # the refused version left nothing behind
-
-
-@pytest.mark.parametrize("stage", ["embedded", "serialized", "manifest"])
-def test_crash_while_publishing_keeps_the_old_version_live(workdir, stage):
-  first = index.build_index(workdir, _config(workdir))
-  with pytest.raises(Crash):
-    index.build_index(workdir, _config(workdir), hook=_crash_at(stage))
-  store = index.IndexStore(os.path.join(workdir, "index"))
-  assert store.live() == first["version"]
-  assert index.open_live(store.root).version == first["version"]  # still loads and verifies
-  if stage == "manifest":  # complete, but never made live
-    assert store.versions() == [first["version"], "v000002"]
-  else:
-    assert store.incomplete() == ["v000002"]
-  again = index.build_index(workdir, _config(workdir))
-  assert store.live() == again["version"] == "v000003"
-  assert store.incomplete() == []
-
-
-def test_keep_last_versions_and_rollback(workdir):
-  config = _config(workdir, keep_versions=2)
-  versions = [index.build_index(workdir, config)["version"] for _ in range(3)]
-  store = index.IndexStore(os.path.join(workdir, "index"))
-  assert store.versions() == versions[1:] and store.live() == versions[2]
-  result = index.rollback(workdir)
-  assert result["live"] == versions[1] and result["previous"] == versions[2]
-  assert store.live() == versions[1]
-  with pytest.raises(ValueError, match="nothing to roll back"):
-    index.rollback(workdir)
-  assert store.live() == versions[1]
-
-
-# ----------------------------------------------------------------------------- bad input
-
-
-def test_corrupt_truncated_and_mismatched_index(workdir):
-  manifest = index.build_index(workdir, _config(workdir))
-  root = os.path.join(workdir, "index")
-  directory = os.path.join(root, manifest["version"])
-  dataset = os.path.join(directory, "scann", "dataset.npy")
-  original = open(dataset, "rb").read()
-
-  with open(dataset, "wb") as f:  # truncated
-    f.write(original[:len(original) // 2])
-  with pytest.raises(index.IndexIntegrityError, match="bytes, the manifest says"):
-    index.open_live(root)
-  with open(dataset, "wb") as f:  # same size, one byte flipped
-    f.write(original[:-1] + bytes([original[-1] ^ 1]))
-  with pytest.raises(index.IndexIntegrityError, match="checksum"):
-    index.open_live(root)
-  with open(dataset, "wb") as f:
-    f.write(original)
-  loaded = index.open_live(root)
-
-  ids = loaded.item_ids
+  ids = loaded.item_ids  # the manifest must match the model it is used with
   loaded.check_model(dim=64, step=manifest["model_step"], item_ids=ids)
   with pytest.raises(index.IndexMismatchError, match="dimension 64 in the index, 32 in the model"):
     loaded.check_model(dim=32, step=manifest["model_step"], item_ids=ids)
@@ -182,25 +109,75 @@ def test_corrupt_truncated_and_mismatched_index(workdir):
   with pytest.raises(index.IndexMismatchError, match="item IDs differ"):
     loaded.check_model(dim=64, step=manifest["model_step"], item_ids=ids[::-1])
 
-  with open(os.path.join(directory, index.MANIFEST), "w") as f:
+  dataset = os.path.join(root, manifest["version"], "scann", "dataset.npy")
+  original = open(dataset, "rb").read()
+  with open(dataset, "wb") as f:  # truncated
+    f.write(original[:len(original) // 2])
+  with pytest.raises(index.IndexIntegrityError, match="bytes, the manifest says"):
+    index.open_live(root)
+  with open(dataset, "wb") as f:  # same size, one bit flipped
+    f.write(original[:-1] + bytes([original[-1] ^ 1]))
+  with pytest.raises(index.IndexIntegrityError, match="checksum"):
+    index.open_live(root)
+  with open(dataset, "wb") as f:
+    f.write(original)
+  index.open_live(root)
+  with open(os.path.join(root, manifest["version"], index.MANIFEST), "w") as f:
     f.write('{"format": 1, "files": ')  # torn manifest
   with pytest.raises(index.IndexIntegrityError, match="corrupt"):
     index.open_live(root)
 
 
-def test_cli_errors_and_rollback(workdir, tmp_path):
+def test_tree_index_is_calibrated_to_the_floor(workdir):
+  manifest = index.build_index(workdir, _config(workdir, brute_force_max_items=0))
+  settings = manifest["settings"]
+  assert settings["mode"] == "tree_ah" and settings["num_leaves"] == 14  # round(sqrt(200))
+  assert manifest["validation"]["recall@100"] >= 0.95
+  assert manifest["calibration"], "the automatic search settings were calibrated"
+  assert index.open_live(os.path.join(workdir, "index")).settings.mode == "tree_ah"
+
+
+def test_refused_and_crashed_builds_keep_the_old_version_live(workdir, capsys):
+  """The validation gate and crashes at every publishing stage; then keep-last-N and rollback."""
+  from launch import common
+  store = index.IndexStore(os.path.join(workdir, "index"))
+  first = index.build_index(workdir, _config(workdir))["version"]
+
+  # Below the recall floor: a one-line error, exit code 2, nothing published or left behind.
+  with pytest.raises(SystemExit) as exit_info:
+    common.run_cli(lambda: index.build_index(workdir, _config(
+        workdir, brute_force_max_items=0, num_leaves=14, leaves_to_search=1, reorder_multiplier=1.0)))
+  assert exit_info.value.code == 2
+  assert "failed validation" in capsys.readouterr().err
+  assert store.live() == first and store.versions() == [first] and store.incomplete() == []
+
+  # A crash after the embeddings or the searcher were written: an incomplete version, not live.
+  with pytest.raises(Crash):
+    index.build_index(workdir, _config(workdir), hook=_crash_at("serialized"))
+  assert store.live() == first and store.incomplete() == ["v000002"]
+  # A crash between the manifest and the LIVE pointer: complete, but not live.
+  with pytest.raises(Crash):
+    index.build_index(workdir, _config(workdir), hook=_crash_at("manifest"))
+  assert store.live() == first and store.versions() == [first, "v000003"]
+  assert store.incomplete() == []  # a new build removes a crashed build's leftovers
+  assert index.open_live(store.root).version == first  # the old version still loads and verifies
+
+  latest = index.build_index(workdir, _config(workdir, keep_versions=2))["version"]
+  assert latest == "v000004" and store.live() == latest
+  assert store.versions() == ["v000003", latest]  # keep_versions=2
+
+  proc = run_module("launch.build_index", f"--workdir={workdir}", "--rollback")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert store.live() == "v000003"
+  with pytest.raises(ValueError, match="nothing to roll back"):
+    index.rollback(workdir)
+  assert store.live() == "v000003"
+
+
+def test_cli_without_checkpoint(workdir, tmp_path):
   empty = tmp_path / "untrained"
   empty.mkdir()
   shutil.copy(os.path.join(workdir, "config.json"), empty / "config.json")
   proc = run_module("launch.build_index", f"--workdir={empty}")
   assert proc.returncode == 2 and "no checkpoint" in proc.stderr, proc.stderr[-2000:]
-
-  proc = run_module("launch.build_index", f"--workdir={workdir}", "--config=tests/tiny_config.py",
-                    "--config.index.min_recall_at_100=1.01")
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert "failed validation" in proc.stderr and "nothing was published" in proc.stderr
-  assert not os.path.exists(os.path.join(workdir, "index", index.LIVE))
-
-  proc = run_module("launch.build_index", f"--workdir={workdir}", "--rollback")
-  assert proc.returncode == 2 and "no live index" in proc.stderr, proc.stderr[-2000:]
-
+  assert not os.path.exists(empty / "index" / index.LIVE)

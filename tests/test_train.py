@@ -121,3 +121,25 @@ def test_cli_reports_bad_config_key_and_uneven_batch(tmp_path):
   assert uneven.returncode == 2
   assert "batch_size=255 is not divisible by the 2 data-parallel devices" in uneven.stderr
   assert not os.path.exists(f"{tmp_path}/b/checkpoints")
+
+
+def test_best_checkpoint_and_early_stopping(tmp_path):
+  config = tiny_config()
+  config.train.update(num_epochs=30.0, eval_every_steps=10, select_by="ndcg@10", early_stopping_evals=2)
+  workdir = str(tmp_path / "w")
+  summary = train_and_evaluate(config, workdir)
+  best = summary["best_validation"]
+  assert summary["best_checkpoint"].endswith(f"checkpoints_best/{best['step']}")
+  # Stopped two validations after the best one, long before 30 epochs.
+  assert summary["steps"] == best["step"] + 20 < 30 * 29
+  s = load_for_eval(config, workdir)
+  assert int(s.state.step) == best["step"]  # evaluation uses the best state
+  # A rerun sees the finished early stop and trains no further.
+  assert train_and_evaluate(config, workdir)["steps"] == summary["steps"]
+
+
+def test_select_by_must_be_a_validation_metric(tmp_path):
+  config = tiny_config()
+  config.train.update(eval_every_steps=10, select_by="ndcg@5")
+  with pytest.raises(ValueError, match=r"select_by='ndcg@5' is not a validation metric"):
+    train_and_evaluate(config, str(tmp_path / "w"))

@@ -160,6 +160,22 @@ def select(rows: np.ndarray, scores: np.ndarray, drop: np.ndarray, k: int
 # ----------------------------------------------------------------------------- generation
 
 
+def rescore(queries: np.ndarray, items: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Exact scores of the selected items, re-sorted (best first, ties by item row).
+
+  The searcher's own scores can differ in the last bit with the batch a query was searched in
+  (and are approximate with int8 brute force). Products of float32 numbers are exact in float64
+  and the float64 sum rounds back to the same float32, so each (user, item) score, and with it the
+  order, is the same however users are batched, sharded or resumed.
+  """
+  valid = rows >= 0
+  gathered = np.asarray(items)[np.where(valid, rows, 0)].astype(np.float64)
+  scores = np.einsum("bd,bkd->bk", queries.astype(np.float64), gathered).astype(np.float32)
+  scores[~valid] = -np.inf
+  order = np.lexsort((np.where(valid, rows, np.iinfo(np.int64).max), -scores.astype(np.float64)))
+  return np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
+
+
 class Generator:
   """Top-K candidates for batches of users: query embeddings -> index search -> exclusion."""
 
@@ -196,10 +212,7 @@ class Generator:
           r2, s2, c2 = select(er, es, self.exclusions.mask(users[lost], er), k)
           r[still], s[still], c[still] = r2, s2, c2
         rows[group], scores[group], counts[group] = r, s, c
-    if not self.index.settings.exact_scores:  # int8 brute force: report exact float32 scores
-      valid = rows >= 0
-      items = np.asarray(self.index.item_embeddings)[np.where(valid, rows, 0)]
-      scores = np.where(valid, np.einsum("bd,bkd->bk", queries, items), -np.inf).astype(np.float32)
+    rows, scores = rescore(queries, self.index.item_embeddings, rows)
     return rows, scores, counts
 
   def __call__(self, users: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -346,7 +359,8 @@ def generate_candidates(workdir: str, output: str, *, user_ids_file: str | None 
                         top_k: int | None = None, config: ml_collections.ConfigDict | None = None,
                         hook: Hook | None = None) -> dict:
   """Writes every user's (or the listed users') top-K candidates to `output`; returns _SUCCESS."""
-  from two_tower.experiment import load_for_eval, load_workdir_config  # pylint: disable=g-import-not-at-top
+  from two_tower.experiment import (  # pylint: disable=g-import-not-at-top
+      bind_workdir, load_for_eval, load_workdir_config, prepare_data)
   from two_tower.reporting import Reporter, write_json_atomic  # pylint: disable=g-import-not-at-top
   hook = hook or (lambda stage: None)
   start = time.perf_counter()
@@ -372,16 +386,15 @@ def generate_candidates(workdir: str, output: str, *, user_ids_file: str | None 
     raise index_lib.IndexMismatchError(
         f"the live index {index.version} was built from step {step} but the latest checkpoint is "
         f"step {steps[-1]} (score.require_latest_checkpoint): rebuild the index")
-  s = load_for_eval(config, workdir, step=step)
-  schema = s.data.schema
+  # Everything that can be refused is checked before the model is loaded.
+  bind_workdir(config, workdir)
+  data = prepare_data(config, workdir)
+  schema = data.schema
   if top_k > schema.num_items:
     raise ValueError(f"top-K={top_k} is larger than the catalog ({schema.num_items} items): "
                      "lower --top_k / config.score.top_k")
-  item_ids = np.asarray(s.data.table("item", "raw_id"))
-  user_raw = np.asarray(s.data.table("user", "raw_id"))
-  dim = nnx.merge(s.graphdef, s.state.params).item_tower.output_dim
-  index.check_model(dim=dim, step=int(s.state.step), item_ids=item_ids)
-
+  item_ids = np.asarray(data.table("item", "raw_id"))
+  user_raw = np.asarray(data.table("user", "raw_id"))
   if user_ids_file:
     users = read_user_ids(user_ids_file, user_raw)
   else:
@@ -390,21 +403,27 @@ def generate_candidates(workdir: str, output: str, *, user_ids_file: str | None 
     print(f"warning: {len(users.unknown)} user IDs of {user_ids_file} are not in the catalog and "
           f"are skipped (e.g. {users.unknown[:5]}); listed in {os.path.join(output, UNKNOWN_IDS)}")
   if cfg.exclude_history:
-    exclusions = Exclusions.from_pairs(*s.data.pairs("train"), schema.num_users, schema.num_items)
+    exclusions = Exclusions.from_pairs(*data.pairs("train"), schema.num_users, schema.num_items)
   else:
     exclusions = Exclusions.none(schema.num_users, schema.num_items)
   overfetch = default_overfetch(exclusions, users.rows, cfg.overfetch)
   per_shard = max(1, int(cfg.users_per_shard))
   num_shards = -(-len(users.rows) // per_shard)
+  # Everything the shards' contents depend on (batch_size: XLA's float results can differ in the
+  # last bit between batch shapes), so that a resumed job equals an uninterrupted one.
   job = {"model_step": step, "index_version": index.version, "top_k": top_k,
          "exclude_history": bool(cfg.exclude_history), "num_users": int(len(users.rows)),
          "users_sha256": index_lib.ids_digest(users.rows), "users_per_shard": per_shard,
-         "num_shards": num_shards}
-
-  os.makedirs(output, exist_ok=True)
-  done = _check_output(output, job)
+         "num_shards": num_shards, "overfetch": overfetch, "batch_size": int(cfg.batch_size)}
+  done = _check_output(output, job) if os.path.isdir(output) else None
   if done is not None:
     return done
+
+  s = load_for_eval(config, workdir, step=step)
+  dim = nnx.merge(s.graphdef, s.state.params).item_tower.output_dim
+  index.check_model(dim=dim, step=int(s.state.step), item_ids=item_ids)
+
+  os.makedirs(output, exist_ok=True)
   if jax.process_index() == 0:
     if not os.path.exists(os.path.join(output, JOB)):
       write_json_atomic(os.path.join(output, JOB), job)

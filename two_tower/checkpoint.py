@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-STATE, DATA_ITER = "state", "data_iter"
+STATE, DATA_ITER, METRICS = "state", "data_iter", "metrics"
 
 
 class CheckpointMismatchError(ValueError):
@@ -36,7 +36,8 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=max(1, save_interval_steps), create=True),
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       DATA_ITER: grain.checkpoint.CheckpointHandler()},
+                       DATA_ITER: grain.checkpoint.CheckpointHandler(),
+                       METRICS: ocp.JsonCheckpointHandler()},
     )
 
   def latest_step(self) -> int | None:
@@ -45,11 +46,19 @@ class Checkpointer:
   def path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def save(self, step: int, state: Any, data_iter=None, *, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data_iter=None, *, metrics: dict | None = None,
+           force: bool = False) -> bool:
+    """Saves (asynchronously) if `step` is on the save interval or `force`; `metrics` are stored
+    in the same checkpoint, so they are never out of step with it."""
     items = {STATE: ocp.args.StandardSave(state)}
     if data_iter is not None:
       items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
+    if metrics is not None:
+      items[METRICS] = ocp.args.JsonSave(metrics)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def metrics(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(**{METRICS: ocp.args.JsonRestore()}))[METRICS]
 
   def check_compatible(self, step: int, target: Any) -> None:
     """Raises CheckpointMismatchError naming every parameter whose saved shape differs."""

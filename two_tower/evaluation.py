@@ -114,6 +114,9 @@ class Evaluator:
     owners, values = zip(*(data.pairs(s) for s in masked))
     self.exclude = _padded_lists(np.concatenate(owners), np.concatenate(values), self.users, unique=True)
     self.num_interactions = len(users)
+    self.metric_names = sorted(
+        [f"{m}@{k}" for m in ("recall", "ndcg", "mrr", "hit_rate", "accuracy") for k in self.ks]
+        + [f"coverage@{COVERAGE_K}"])
 
   def __call__(self, graphdef, params) -> dict[str, float]:
     """Metrics of a model: scores are dot products of query and item tower outputs."""

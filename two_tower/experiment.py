@@ -87,6 +87,7 @@ class Setup:
   num_steps: int
   num_examples: int
   checkpointer: Checkpointer
+  best: Checkpointer  # the best state by validation metric (train.select_by), if tracked
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
@@ -120,16 +121,21 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                               max_to_keep=config.train.max_checkpoints_to_keep,
                               save_interval_steps=config.train.checkpoint_every_steps)
   return Setup(config, workdir, mesh, data, graphdef, state, state_sh, catalog, tx, num_steps,
-               num_examples, checkpointer)
+               num_examples, checkpointer,
+               Checkpointer(os.path.join(workdir, "checkpoints_best"), max_to_keep=1, save_interval_steps=1))
 
 
 def load_for_eval(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> Setup:
-  """The setup of a work directory with its latest (or given) checkpoint restored."""
+  """The setup of a work directory with a checkpoint restored: the given step, else the best one
+  by validation metric when train.select_by is set, else the latest."""
   s = setup(config, workdir)
-  step = s.checkpointer.latest_step() if step is None else step
+  source = s.checkpointer
+  if step is None and config.train.select_by and s.best.latest_step() is not None:
+    source, step = s.best, s.best.latest_step()
+  step = source.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(
         f"no checkpoint in {s.checkpointer.directory}: train first with "
         f"python -m launch.train --config=... --workdir={workdir}")
-  s.state = s.checkpointer.restore(step, s.state)
+  s.state = source.restore(step, s.state)
   return s

@@ -45,12 +45,15 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+import types
 from typing import Any, Callable
 
 import jax
@@ -158,16 +161,35 @@ def choose_settings(num_items: int, cfg: ml_collections.ConfigDict) -> tuple[Set
 
 
 def _scann():
+  """ScaNN's pybind API, imported without running scann/__init__.py.
+
+  That file also imports TensorFlow, when installed, to load ScaNN's TensorFlow ops: slow, and an
+  import error whenever the installed TensorFlow is not the one the scann wheel was built for.
+  Nothing here uses those ops, so the package is entered as a plain namespace.
+  """
+  if "scann" not in sys.modules:
+    spec = importlib.util.find_spec("scann")
+    if spec is None or not spec.submodule_search_locations:
+      raise ModuleNotFoundError("the item index needs ScaNN: pip install 'scann>=1.4,<1.5'")
+    package = types.ModuleType("scann")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    sys.modules["scann"] = package
+    from scann.scann_ops.py import scann_builder, scann_ops_pybind  # pylint: disable=g-import-not-at-top
+    # What scann/__init__.py exports, for code that imports scann after us.
+    package.scann_ops_pybind = scann_ops_pybind
+    package.ScannBuilder, package.ReorderType = scann_builder.ScannBuilder, scann_builder.ReorderType
   from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
   return scann_ops_pybind
 
 
 def build_searcher(items: np.ndarray, settings: Settings, num_threads: int = 0):
   """A ScaNN searcher over float32 [N, D] `items`, scored by dot product."""
+  scann_ops_pybind = _scann()
   from scann.scann_ops.py.scann_builder import ReorderType  # pylint: disable=g-import-not-at-top
   items = np.ascontiguousarray(items, np.float32)
   k = min(GATE_K, len(items))
-  builder = _scann().builder(items, k, "dot_product")
+  builder = scann_ops_pybind.builder(items, k, "dot_product")
   if settings.mode == "brute_force":
     builder = builder.score_brute_force(ReorderType.INT8 if settings.int8 else ReorderType.FLOAT32)
   elif settings.mode == "tree_ah":
@@ -588,7 +610,7 @@ def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *
   store = IndexStore(os.path.join(workdir, "index"))
   version = None
   if jax.process_index() == 0:
-    version = store.new_version()  # numbered after crashed builds too: names are never reused
+    version = store.new_version()  # numbered after every existing version, complete or not
     store.remove_incomplete(keep=version)
   version = _broadcast_name(version)
   directory = store.path(version)

@@ -39,7 +39,6 @@ def dedupe_candidates(item_ids: jax.Array, extra_ids: jax.Array | None, *, num_i
   """
   all_ids = item_ids if extra_ids is None else jnp.concatenate([item_ids, extra_ids])
   size = min(all_ids.shape[0], num_items)
-  size += -size % num_shards  # U shards evenly over the data axis
   unique_ids, inverse = jnp.unique(all_ids, size=size, fill_value=0, return_inverse=True)
   inverse = inverse.reshape(-1)
   b = item_ids.shape[0]
@@ -98,7 +97,6 @@ def _lse_bwd(num_blocks, remove_hits, residuals, g):
 
 
 _logsumexp.defvjp(_lse_fwd, _lse_bwd)
-
 
 
 def _num_blocks(rows: int, max_block: int) -> int:

@@ -22,6 +22,7 @@ from pipelines import loader
 from two_tower import features as feats
 from two_tower import sharding
 from two_tower.evaluation import Evaluator
+from two_tower.checkpoint import Checkpointer
 from two_tower.experiment import setup
 from two_tower.losses import dedupe_candidates, sampled_softmax_loss
 from two_tower.optim import learning_rate_schedule
@@ -96,6 +97,26 @@ class PreemptionHandler:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class BestTracker:
+  """Keeps the best state by a validation metric, and decides early stopping. Its state lives in
+  the best checkpoint (metrics saved with it), so a resumed run decides exactly as an unbroken one.
+  """
+
+  def __init__(self, best: Checkpointer, metric: str, patience: int, eval_every: int):
+    self.best, self.metric, self.patience, self.eval_every = best, metric, patience, eval_every
+    self.step = best.latest_step()
+    self.value = best.metrics(self.step)[metric] if self.step is not None else -np.inf
+
+  def update(self, step: int, metrics: dict[str, float], state: TrainState) -> None:
+    if metrics[self.metric] > self.value:
+      self.step, self.value = step, metrics[self.metric]
+      self.best.save(step, state, metrics=metrics, force=True)
+
+  def should_stop(self, step: int) -> bool:
+    since = (step - (self.step or 0)) // self.eval_every
+    return self.patience > 0 and since >= self.patience
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        hooks: Sequence[Hook] = ()) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint in `workdir`) and writes train_summary.json."""
@@ -121,9 +142,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       out_shardings=(s.state_sharding, sharding.replicated(s.mesh)),
       donate_argnums=0,
   )
-  validator = None
+  validator = tracker = None
   if cfg.eval_every_steps > 0 and s.data.schema.split_sizes.get("validation", 0) > 0:
     validator = Evaluator(s.data, s.catalog, "validation", config.eval.ks, config.eval.user_batch_size)
+    if cfg.select_by:
+      if cfg.select_by not in validator.metric_names:
+        raise ValueError(f"train.select_by={cfg.select_by!r} is not a validation metric; choose "
+                         f"one of {validator.metric_names}")
+      tracker = BestTracker(s.best, cfg.select_by, cfg.early_stopping_evals, cfg.eval_every_steps)
+  end = start if tracker is not None and tracker.should_stop(start) else s.num_steps
   reporter = Reporter(os.path.join(workdir, "tensorboard"), total_steps=s.num_steps, initial_step=start)
   reporter.write(f"training {s.num_steps} steps of {cfg.batch_size} examples on mesh "
                  f"{dict(s.mesh.shape)}; data: {s.data.path}")
@@ -133,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   final_loss = float("nan")
   preemption = PreemptionHandler()
   try:
-    for step in range(start, s.num_steps):
+    for step in range(start, end):
       local = next(data_iter)
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
                for k in loader.BATCH_KEYS}
@@ -160,21 +187,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         reporter.scalars(done, val, "validation/")
         reporter.write(f"step {done}: validation " + ", ".join(
             f"{k}={val[k]:.4f}" for k in ("recall@10", "ndcg@10", "accuracy@100") if k in val))
-      s.checkpointer.save(done, state, data_iter, force=done == s.num_steps or preemption.requested)
+        if tracker is not None:
+          tracker.update(done, val, state)
+      stop_early = tracker is not None and tracker.should_stop(done)
+      s.checkpointer.save(done, state, data_iter,
+                          force=done == s.num_steps or preemption.requested or stop_early)
       reporter.step()
       if preemption.requested:
         raise Preempted(f"stopped by SIGTERM at step {done}; checkpoint {s.checkpointer.path(done)} "
                         "saved: run the same command again to resume")
+      if stop_early:
+        reporter.write(f"early stop at step {done}: no better validation {tracker.metric} in "
+                       f"{tracker.patience} evaluations (best {tracker.value:.4f} at step {tracker.step})")
+        break
   finally:
     preemption.restore()
     reporter.close()
     s.checkpointer.wait()  # let in-flight saves finish, also when stopping on an error
+    s.best.wait()
   last = s.checkpointer.latest_step()
   summary = {
       "steps": int(state.step),
       "examples_per_s": stopwatch.examples_per_s(sync=state.step),
       "final_loss": final_loss,
       "checkpoint": s.checkpointer.path(last) if last is not None else None,
+      "best_checkpoint": s.best.path(tracker.step) if tracker and tracker.step is not None else None,
+      "best_validation": {tracker.metric: tracker.value, "step": tracker.step} if tracker else None,
       "batch_size": cfg.batch_size,
       "mesh": dict(s.mesh.shape),
       "data": s.data.path,
@@ -182,4 +220,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, "train_summary.json"), summary)
   s.checkpointer.close()
+  s.best.close()
   return summary
