@@ -46,6 +46,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.output_dim = 64  # 0: no output projection (the concatenated embeddings are the output)
   m.l2_normalize = True
   m.temperature = 0.1
+  m.share_item_embeddings = False  # the history bag uses the item tower's item-ID table
   m.embedding_init_scale = 0.05  # uniform(-s, s), as Keras' default Embedding initializer
 
   c.loss = l = ml_collections.ConfigDict()

@@ -1,15 +1,19 @@
-"""The main job: prepare data -> train -> evaluate, then print the metrics and the artifacts.
+"""The main job: prepare data -> train -> evaluate -> build the item index -> generate candidates,
+then print the metrics and the artifacts.
 
   python -m launch.run --workdir=runs/default                      # built-in synthetic data
   python -m launch.run --config=configs/movielens_100k.py --config.data.source_dir=DIR --workdir=W
 """
 
+import json
 import os
 
 from absl import app
 
 from launch import common
+from two_tower import candidates
 from two_tower import distributed
+from two_tower import index
 from two_tower.evaluation import evaluate_workdir
 from two_tower.train import train_and_evaluate
 
@@ -22,6 +26,21 @@ def run(config, workdir: str) -> None:
   metrics = evaluate_workdir(workdir)
   common.print_json("train summary", summary)
   common.print_json(f"{config.eval.split} metrics", metrics)
+  oracle = os.path.join(workdir, "eval", "oracle_metrics.json")
+  if os.path.exists(oracle):
+    with open(oracle) as f:
+      planted = json.load(f)
+    print("vs the planted oracle (synthetic data): " + ", ".join(
+        f"{k} {metrics[k]:.4f} / {planted[k]:.4f}" for k in ("recall@10", "ndcg@10", "recall@100")))
+  # A live index of this very checkpoint is reused, so that rerunning the job changes nothing.
+  manifest = index.live_manifest(os.path.join(workdir, "index"))
+  if manifest is None or manifest["model_step"] != summary["steps"]:
+    manifest = index.build_index(workdir, config)
+  common.print_json("index", {k: manifest[k] for k in (
+      "version", "model_step", "num_items", "settings", "validation")})
+  output = os.path.join(workdir, "candidates")
+  scored = candidates.generate_candidates(workdir, output, config=config)
+  common.print_json("candidates", scored)
   print("artifacts:")
   for name, path in (
       ("data", summary["data"]),
@@ -29,6 +48,8 @@ def run(config, workdir: str) -> None:
       ("train summary", os.path.join(workdir, "train_summary.json")),
       ("metrics", os.path.join(workdir, "eval", "metrics.json")),
       ("tensorboard", os.path.join(workdir, "tensorboard")),
+      ("index", os.path.join(workdir, "index", manifest["version"])),
+      ("candidates", os.path.join(output, "part-*.parquet")),
   ):
     print(f"  {name:14s} {path}")
 

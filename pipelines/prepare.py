@@ -350,6 +350,9 @@ class PreparedData:
     """Random-access source of the split's serialized examples (bytes)."""
     return self.builder.as_data_source(split).data_source
 
+  def has_planted(self) -> bool:
+    return os.path.exists(os.path.join(self.path, "planted.npz"))
+
   def planted(self) -> synthetic.Planted:
     return synthetic.Planted.load(os.path.join(self.path, "planted.npz"))
 

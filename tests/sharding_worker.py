@@ -17,18 +17,21 @@ import re
 import sys
 import time
 
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs.base import get_base_config
+from pipelines.schema import Feature, Schema
+from two_tower import sharding
+from two_tower.optim import make_optimizer
+from two_tower.state import create_train_state
+from two_tower.train import train_step
+
 
 def build(rows: int, *, dim: int, hidden: tuple[int, ...], optimizer: str, **mesh):
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-  from configs.base import get_base_config  # pylint: disable=g-import-not-at-top
-  from pipelines.schema import Feature, Schema  # pylint: disable=g-import-not-at-top
-  from two_tower import sharding  # pylint: disable=g-import-not-at-top
-  from two_tower.optim import make_optimizer  # pylint: disable=g-import-not-at-top
-  from two_tower.state import create_train_state  # pylint: disable=g-import-not-at-top
-  from two_tower.train import train_step  # pylint: disable=g-import-not-at-top
 
   c = get_base_config()
   c.model.query_features, c.model.item_features = ("user_id",), ("item_id",)
@@ -75,10 +78,7 @@ def item_table(params):
 def step_report(rows: int, dim: int, state, step, batch, catalog, steps: int):
   """Trains `steps` steps: (a report of losses, per-device memory and whole-table buffers in the
   compiled step, the trained state)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from two_tower import sharding  # pylint: disable=g-import-not-at-top
   compiled = step.lower(state, batch, catalog).compile()
   hlo = compiled.as_text()
   # Per-device HLO: a [rows, dim] buffer anywhere in it would be a whole table on one device.
@@ -113,9 +113,6 @@ def step_report(rows: int, dim: int, state, step, batch, catalog, steps: int):
 
 
 def export_report(state, schema_rows: int) -> dict:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from pipelines.schema import Feature, Schema  # pylint: disable=g-import-not-at-top
-  from two_tower import sharding  # pylint: disable=g-import-not-at-top
   schema = Schema(features=(Feature("user_id", "user", "id", 1000),
                             Feature("item_id", "item", "id", schema_rows)),
                   num_users=998, num_items=schema_rows - 2, history_length=4, split_sizes={})
@@ -133,7 +130,6 @@ def error_of(fn) -> str | None:
 
 
 def small() -> dict:
-  from two_tower import sharding  # pylint: disable=g-import-not-at-top
   out = {}
   for over in ("model", "all"):
     c, mesh, state, step, batch, catalog = build(
@@ -158,7 +154,6 @@ def small() -> dict:
 
 
 def big() -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
   # rbg keys: threefry would spend ~30 s and three tables' worth of temporaries generating the
   # 640M initial values on 2 CPU cores; what is checked here is placement, not the random stream.
   jax.config.update("jax_default_prng_impl", "rbg")
@@ -173,7 +168,6 @@ def big() -> dict:
 
 
 def _mesh_cfg(**kw):
-  import ml_collections  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(kw)
 
 

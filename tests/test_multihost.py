@@ -9,13 +9,16 @@ the reference on this process's single CPU device, the others in subprocesses wi
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -23,6 +26,9 @@ import train_worker
 from conftest import ROOT, run_module, tiny_config
 from launch.cluster import local
 from two_tower import distributed
+from two_tower.checkpoint import Checkpointer
+from two_tower.experiment import setup
+from two_tower.sharding import param_name
 
 STEPS = 4
 PARAMS_TOL = dict(rtol=1e-4, atol=5e-5)  # a step moves parameters by ~lr = 3e-3
@@ -115,7 +121,19 @@ def test_8_devices_data4_model2_match_1_device(reference, eight_devices):
   assert_same_params(eight_devices.opt_state, reference.opt_state, "optimizer state")
 
 
-def test_2_processes_x_2_devices_match_1_device(root, data_dir, reference):
+@pytest.fixture(scope="module")
+def single_device_state(root, data_dir, reference):
+  """A train state of the reference job on this process's device: a target to restore onto."""
+  del reference  # its work directory
+  config = tiny_config()
+  config.data.data_dir = data_dir
+  config.train.num_steps = STEPS
+  s = setup(config, str(root / "reference"))
+  s.checkpointer.close()
+  return s.state
+
+
+def test_2_processes_x_2_devices_match_1_device(root, data_dir, reference, single_device_state):
   """The documented local multi-process command, end to end: launch.train under jax.distributed."""
   workdir = root / "processes_2x2"
   cmd = [sys.executable, "-m", "launch.train", "--config=tests/tiny_config.py",
@@ -123,16 +141,16 @@ def test_2_processes_x_2_devices_match_1_device(root, data_dir, reference):
          f"--config.train.num_steps={STEPS}", "--config.train.log_every_steps=1",
          "--config.train.checkpoint_every_steps=1", "--config.train.max_checkpoints_to_keep=10",
          "--config.mesh.data=2", "--config.mesh.model=2"]
-  log = _Log()
+  log = io.StringIO()
   code = local.launch(cmd, num_processes=2, devices_per_process=2, cwd=ROOT, out=log, timeout_s=120)
-  assert code == 0, log.text[-6000:]
+  assert code == 0, log.getvalue()[-6000:]
   summary = json.loads((workdir / "train_summary.json").read_text())
   assert summary["mesh"] == {"data": 2, "model": 2} and summary["steps"] == STEPS
   losses = train_worker.read_scalars(str(workdir / "tensorboard"), "train/loss")
   assert_same_losses(losses, reference.losses, range(1, STEPS + 1))
   # What the two processes wrote together, read back on this process's single device.
   for step in range(1, STEPS + 1):
-    state = _restore(workdir, step, root)
+    state = _restore(workdir, step, single_device_state)
     assert_same_params(_flat(state.params), reference.params[step], f"step {step}")
   assert_same_params(_flat(state.opt_state), reference.opt_state, "optimizer state")
 
@@ -170,12 +188,12 @@ def test_processes_that_disagree_on_the_config_stop(root, data_dir, reference):
   cmd = ["sh", "-c", f"exec {sys.executable} -m launch.train --config=tests/tiny_config.py "
          f"--workdir={root / 'mismatch'} --config.data.data_dir={data_dir} "
          "--config.seed=$JAX_PROCESS_ID"]
-  log = _Log()
+  log = io.StringIO()
   code = local.launch(cmd, num_processes=2, cwd=ROOT, out=log, timeout_s=60)
-  assert code == 2, log.text[-4000:]
+  assert code == 2, log.getvalue()[-4000:]
   for pid in (0, 1):
-    assert f"[p{pid}] error: the 2 processes of this job do not run the same config" in log.text
-  assert "process 1: config.seed: 0 on process 0, 1" in log.text
+    assert f"[p{pid}] error: the 2 processes of this job do not run the same config" in log.getvalue()
+  assert "process 1: config.seed: 0 on process 0, 1" in log.getvalue()
 
 
 def test_unreachable_coordinator_times_out_naming_the_address(tmp_path):
@@ -203,13 +221,12 @@ def test_incomplete_multiprocess_settings():
 
 
 def test_coordinator_port_in_use_is_named():
-  import socket  # pylint: disable=g-import-not-at-top
   with socket.socket() as s:
     s.bind(("", 0))
     s.listen()
     port = s.getsockname()[1]
     with pytest.raises(ValueError, match=f"cannot start the JAX coordinator on port {port}"):
-      distributed._check_port_free(f"127.0.0.1:{port}")  # pylint: disable=protected-access
+      distributed.check_port_free(f"127.0.0.1:{port}")
 
 
 def test_config_hash_covers_config_and_workdir():
@@ -223,46 +240,14 @@ def test_config_hash_covers_config_and_workdir():
 # ----------------------------------------------------------------------------- helpers
 
 
-class _Log:
-  """A text sink for the launcher's [pI]-prefixed output."""
-
-  def __init__(self):
-    self.parts: list[str] = []
-
-  def write(self, text: str) -> None:
-    self.parts.append(text)
-
-  def flush(self) -> None:
-    pass
-
-  @property
-  def text(self) -> str:
-    return "".join(self.parts)
-
-
 def _flat(tree) -> dict[str, np.ndarray]:
-  import jax  # pylint: disable=g-import-not-at-top
-  from two_tower.sharding import _path_str  # pylint: disable=g-import-not-at-top
-  return {_path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {param_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _restore(workdir, step: int, root):
-  """The checkpoint of `workdir` at `step`, onto the reference run's single-device state."""
-  from two_tower.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  from two_tower.experiment import setup  # pylint: disable=g-import-not-at-top
-  global _TARGET
-  if _TARGET is None:
-    config = tiny_config()
-    config.data.data_dir = str(root / "data")
-    config.train.num_steps = STEPS
-    s = setup(config, str(root / "reference"))
-    s.checkpointer.close()
-    _TARGET = s.state
+def _restore(workdir, step: int, target):
+  """The checkpoint of `workdir` at `step`, restored onto `target`'s shardings."""
   checkpointer = Checkpointer(str(workdir / "checkpoints"), max_to_keep=10, save_interval_steps=1)
   try:
-    return checkpointer.restore(step, _TARGET)
+    return checkpointer.restore(step, target)
   finally:
     checkpointer.close()
-
-
-_TARGET = None

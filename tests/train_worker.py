@@ -21,12 +21,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from two_tower import distributed  # noqa: E402  (before anything touches JAX devices)
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from tensorboardX.proto import event_pb2  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+from two_tower import distributed, sharding  # noqa: E402
+from two_tower.train import train_and_evaluate  # noqa: E402
 
 
 def read_scalars(logdir: str, tag: str) -> dict[int, float]:
   """{step: value} of one scalar from the TensorBoard event files (TFRecord framing)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   out = {}
   for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
     with open(path, "rb") as f:
@@ -55,21 +60,12 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
 
   distributed.initialize()
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  from two_tower import sharding  # pylint: disable=g-import-not-at-top
-  from two_tower.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
-
   config = configure(tiny_config(), args)
   params_by_step: dict[int, dict[str, np.ndarray]] = {}
 
   def flat(tree) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    gathered = multihost_utils.process_allgather([x for _, x in leaves], tiled=True)
-    return {sharding._path_str(p): np.asarray(x) for (p, _), x in zip(leaves, gathered)}  # pylint: disable=protected-access
+    return {sharding.param_name(p): sharding.to_host(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
   last_state = {}
 
@@ -79,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
 
   summary = train_and_evaluate(config, args.workdir, hooks=[hook])
   state = last_state["state"]
-  memory = {k: sharding.per_device_bytes(x) for k, x in (
-      (sharding._path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0])}  # pylint: disable=protected-access
+  leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  memory = {sharding.param_name(p): sharding.per_device_bytes(x) for p, x in leaves}
   opt = flat(state.opt_state)
   if jax.process_index() != 0:
     return
@@ -89,9 +85,7 @@ def main(argv: list[str] | None = None) -> None:
   losses = read_scalars(os.path.join(args.workdir, "tensorboard"), "train/loss")
   meta = dict(summary=summary, losses=losses, per_device_bytes=memory,
               process_count=jax.process_count(), device_count=jax.device_count(),
-              specs={k: str(x.sharding.spec) for k, x in (
-                  (sharding._path_str(p), x) for p, x in  # pylint: disable=protected-access
-                  jax.tree_util.tree_flatten_with_path(state.params)[0])})
+              specs={sharding.param_name(p): str(x.sharding.spec) for p, x in leaves})
   np.savez(args.out, meta=np.asarray(json.dumps(meta)), **arrays)
 
 

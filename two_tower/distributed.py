@@ -166,7 +166,7 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
     time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
-def _check_port_free(address: str) -> None:
+def check_port_free(address: str) -> None:
   """Process 0 binds the coordinator's port: say so clearly when something else holds it."""
   _, port = _split_address(address)
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -194,7 +194,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   start = time.monotonic()
   address = settings.coordinator_address
   if settings.process_id == 0:
-    _check_port_free(address)
+    check_port_free(address)
   else:
     wait_for_coordinator(address, timeout_s)
   # Logged before connecting: if the other processes never come, jax.distributed aborts the process

@@ -69,9 +69,10 @@ def _chunk_metrics(scores, targets, exclude, interactions, valid, *, ks, max_k):
   num_items = scores.shape[1]
   rows = jnp.arange(scores.shape[0])[:, None]
   masked = scores.at[rows, jnp.where(exclude < 0, num_items, exclude)].set(-jnp.inf, mode="drop")
-  top_masked = jax.lax.top_k(masked, max_k)[1]
+  top_values, top_masked = jax.lax.top_k(masked, max_k)
+  ranked = jnp.isfinite(top_values)  # masked items can only fill the tail of a tiny catalog
   top_raw = jax.lax.top_k(scores, max_k)[1]
-  hits = (top_masked[:, :, None] == targets[:, None, :]).any(-1)  # [b, max_k]
+  hits = (top_masked[:, :, None] == targets[:, None, :]).any(-1) & ranked  # [b, max_k]
   num_pos = (targets >= 0).sum(-1)
   discount = 1.0 / jnp.log2(jnp.arange(max_k) + 2.0)
   first_hit = jnp.where(hits.any(-1), jnp.argmax(hits, -1), max_k)
@@ -88,7 +89,8 @@ def _chunk_metrics(scores, targets, exclude, interactions, valid, *, ks, max_k):
     out[f"accuracy@{k}"] = ((inter_rank < k) & (interactions >= 0)).sum(-1)
   out = {name: jnp.where(valid, v, 0) for name, v in out.items()}
   coverage = jnp.zeros(num_items, jnp.int32).at[
-      jnp.where(valid[:, None], top_masked[:, :COVERAGE_K], num_items)].add(1, mode="drop")
+      jnp.where(valid[:, None] & ranked[:, :COVERAGE_K], top_masked[:, :COVERAGE_K], num_items)
+  ].add(1, mode="drop")
   return out, coverage
 
 
@@ -153,12 +155,19 @@ class Evaluator:
 
 
 def evaluate_workdir(workdir: str, split: str | None = None) -> dict[str, float]:
-  """Evaluates the latest checkpoint of `workdir`; writes eval/metrics.json atomically."""
+  """Evaluates the checkpoint `load_for_eval` picks; writes eval/metrics.json atomically.
+
+  For synthetic data, the planted oracle's metrics go to eval/oracle_metrics.json, the ceiling
+  the model is measured against."""
   config = load_workdir_config(workdir)
   s = load_for_eval(config, workdir)
   split = split or config.eval.split
-  metrics = Evaluator(s.data, s.catalog, split, config.eval.ks, config.eval.user_batch_size)(
-      s.graphdef, s.state.params)
-  name = "metrics.json" if split == config.eval.split else f"metrics_{split}.json"
-  write_json_atomic(os.path.join(workdir, "eval", name), metrics)
+  evaluator = Evaluator(s.data, s.catalog, split, config.eval.ks, config.eval.user_batch_size)
+  metrics = evaluator(s.graphdef, s.state.params)
+  suffix = "" if split == config.eval.split else f"_{split}"
+  write_json_atomic(os.path.join(workdir, "eval", f"metrics{suffix}.json"), metrics)
+  if s.data.has_planted():
+    planted = s.data.planted()
+    write_json_atomic(os.path.join(workdir, "eval", f"oracle_metrics{suffix}.json"),
+                      evaluator.evaluate_scores(planted.scores))
   return metrics

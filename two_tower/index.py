@@ -545,6 +545,20 @@ def open_version(directory: str, *, num_threads: int = 0, verify: bool = True) -
   return LoadedIndex(directory, manifest, settings, searcher, ids, items)
 
 
+def live_manifest(root: str) -> dict | None:
+  """The manifest of the live version under `root` if there is one and its files verify."""
+  store = IndexStore(root)
+  live = store.live()
+  if live is None:
+    return None
+  try:
+    manifest = read_manifest(store.path(live))
+    verify_files(store.path(live), manifest)
+  except IndexIntegrityError:
+    return None
+  return manifest
+
+
 def open_live(root: str, *, num_threads: int = 0) -> LoadedIndex:
   store = IndexStore(root)
   live = store.live()

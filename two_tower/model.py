@@ -19,11 +19,17 @@ from pipelines.schema import PAD, Feature, Schema
 Features = Mapping[str, jax.Array]
 
 
+def _annotate(init, logical_axes):
+  # Logical axis names only: placement happens when the train state is created under jit with
+  # explicit shardings (two_tower.state), so building a model never needs a mesh.
+  return nnx.with_partitioning(init, logical_axes, eager_sharding=False)
+
+
 def _embed(vocab_size: int, dim: int, scale: float, rngs: nnx.Rngs) -> nnx.Embed:
   init = nnx.initializers.uniform(2 * scale)
   return nnx.Embed(
       vocab_size, dim, rngs=rngs,
-      embedding_init=nnx.with_partitioning(lambda k, s, d: init(k, s, d) - scale, ("vocab", "embed")),
+      embedding_init=_annotate(lambda k, s, d: init(k, s, d) - scale, ("vocab", "embed")),
   )
 
 
@@ -32,11 +38,12 @@ class FeatureEmbedding(nnx.Module):
   (multi-valued features and the item history) by masked mean pooling, numbers as they are."""
 
   def __init__(self, features: Sequence[Feature], *, id_dim: int, feature_dim: int,
-               init_scale: float, rngs: nnx.Rngs):
+               init_scale: float, rngs: nnx.Rngs, shared: Mapping[str, nnx.Embed] | None = None):
     self.features = tuple(features)
+    shared = shared or {}
     self.tables = nnx.Dict({
-        f.name: _embed(f.vocab_size, id_dim if f.kind in ("id", "history") else feature_dim,
-                       init_scale, rngs)
+        f.name: shared.get(f.name) or _embed(
+            f.vocab_size, id_dim if f.kind in ("id", "history") else feature_dim, init_scale, rngs)
         for f in self.features if f.kind != "numeric"
     })
     self.output_dim = sum(
@@ -60,15 +67,16 @@ class FeatureEmbedding(nnx.Module):
 class Tower(nnx.Module):
   """Feature embeddings -> MLP (ReLU) -> optional projection -> optional L2 normalisation."""
 
-  def __init__(self, features: Sequence[Feature], cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  def __init__(self, features: Sequence[Feature], cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
+               shared: Mapping[str, nnx.Embed] | None = None):
     self.embedding = FeatureEmbedding(
         features, id_dim=cfg.id_embedding_dim, feature_dim=cfg.feature_embedding_dim,
-        init_scale=cfg.embedding_init_scale, rngs=rngs)
+        init_scale=cfg.embedding_init_scale, rngs=rngs, shared=shared)
     dims = [self.embedding.output_dim, *cfg.hidden_dims]
     if cfg.output_dim > 0:
       dims.append(cfg.output_dim)
-    kernel_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "hidden"))
-    bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), ("hidden",))
+    kernel_init = _annotate(nnx.initializers.lecun_normal(), ("embed", "hidden"))
+    bias_init = _annotate(nnx.initializers.zeros_init(), ("hidden",))
     self.layers = nnx.List([
         nnx.Linear(d_in, d_out, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
         for d_in, d_out in zip(dims[:-1], dims[1:])
@@ -103,8 +111,16 @@ class TwoTower(nnx.Module):
   """score(query, item) = <query_tower(query), item_tower(item)> / temperature."""
 
   def __init__(self, schema: Schema, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    self.query_tower = Tower(tower_features(schema, cfg.query_features, "user"), cfg, rngs)
     self.item_tower = Tower(tower_features(schema, cfg.item_features, "item"), cfg, rngs)
+    shared = {}
+    if cfg.share_item_embeddings:
+      # The history bag pools the item tower's own item-ID embeddings: one table, trained by both
+      # sides (fewer parameters, and history items live in the space items are scored in).
+      if "history" not in cfg.query_features or "item_id" not in cfg.item_features:
+        raise ValueError("model.share_item_embeddings needs 'history' in model.query_features and "
+                         "'item_id' in model.item_features")
+      shared["history"] = self.item_tower.embedding.tables["item_id"]
+    self.query_tower = Tower(tower_features(schema, cfg.query_features, "user"), cfg, rngs, shared)
     if self.query_tower.output_dim != self.item_tower.output_dim:
       raise ValueError(
           f"the towers' outputs differ in size ({self.query_tower.output_dim} vs "

@@ -151,7 +151,8 @@ def padded_schema(schema: Schema, cfg: ml_collections.ConfigDict | None) -> Sche
   return dataclasses.replace(schema, features=features)
 
 
-def _path_str(path) -> str:
+def param_name(path) -> str:
+  """'query_tower/embedding/tables/user_id/embedding' for a pytree path of a parameter."""
   name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
   return name.removesuffix("/value")  # nnx.Variable's own leaf
 
@@ -199,7 +200,7 @@ def param_shardings(abstract_state, mesh: Mesh, cfg: ml_collections.ConfigDict |
   replicate_bytes = float(mesh_option(cfg, "replicate_uneven_mb")) * 2**20
 
   def fit(path, spec, leaf):
-    spec = _fit(_path_str(path), spec, tuple(leaf.shape), np.dtype(leaf.dtype).itemsize, mesh,
+    spec = _fit(param_name(path), spec, tuple(leaf.shape), np.dtype(leaf.dtype).itemsize, mesh,
                 replicate_bytes)
     return NamedSharding(mesh, spec)
   return jax.tree_util.tree_map_with_path(fit, specs, abstract_state,
@@ -243,7 +244,7 @@ def describe(params) -> list[str]:
     if isinstance(x, jax.Array):
       spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else x.sharding
       shard = x.addressable_shards[0].data.shape
-      lines.append(f"{_path_str(path):60s} {str(tuple(x.shape)):16s} {str(spec):28s} {tuple(shard)}")
+      lines.append(f"{param_name(path):60s} {str(tuple(x.shape)):16s} {str(spec):28s} {tuple(shard)}")
   return lines
 
 # ----------------------------------------------------------------------------- export
