@@ -1,7 +1,8 @@
 """The best MovieLens-100K recipe of this project (random 80/20 split by interaction).
 
-Both towers use every feature the data has; the user's history of rated movies feeds the query
-tower; in-batch negatives are mixed with uniformly sampled ones, with logQ correction.
+Both towers use every feature the data has; the user's latest rated movies (a bag, as at
+evaluation) feed the query tower; in-batch negatives are mixed with uniformly sampled ones, with
+logQ correction; L2-normalised embeddings at temperature 0.2.
 
   python -m launch.run --config=configs/movielens_100k.py \
       --config.data.source_dir=/path/to/ml-100k --workdir=runs/ml100k
@@ -19,8 +20,8 @@ def get_config():
       query_features=("user_id", "age", "gender", "occupation", "zip_prefix", "history"),
       item_features=("item_id", "genres", "title_words", "year"),
       id_embedding_dim=32, feature_embedding_dim=16, hidden_dims=(256,), output_dim=64,
-      l2_normalize=True, temperature=0.1)
+      l2_normalize=True, temperature=0.2)
   c.loss.update(remove_accidental_hits=True, logq_correction=True, num_uniform_negatives=1024)
   c.optimizer.update(name="adam", learning_rate=2e-3, schedule="warmup_cosine", warmup_steps=50)
-  c.train.update(batch_size=1024, num_epochs=20.0, log_every_steps=50, checkpoint_every_steps=500)
+  c.train.update(batch_size=1024, num_epochs=10.0, log_every_steps=50, checkpoint_every_steps=500)
   return c

@@ -19,7 +19,11 @@ training-item count neighbours, which is always enough, and then, if the approxi
 too few, exactly. Only a user whose history covers nearly the whole catalog gets fewer than K.
 
 Shards are written to a temporary name and renamed, so a shard that exists is complete; a rerun
-after a crash skips them (results are deterministic, so a resumed job equals an uninterrupted one).
+after a crash skips them. A shard's batches are fixed by the job (users, users_per_shard,
+batch_size, over-fetch: all recorded in _job.json, and a rerun with other values is refused), and
+searching the same batch gives the same result, so a resumed job writes exactly what an
+uninterrupted one would. (Float results can differ in the last bit between differently composed
+batches, so another batching may order near-ties differently.)
 With several JAX processes, shard N is written by process N % process_count.
 """
 
@@ -161,16 +165,10 @@ def select(rows: np.ndarray, scores: np.ndarray, drop: np.ndarray, k: int
 
 
 def rescore(queries: np.ndarray, items: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Exact scores of the selected items, re-sorted (best first, ties by item row).
-
-  The searcher's own scores can differ in the last bit with the batch a query was searched in
-  (and are approximate with int8 brute force). Products of float32 numbers are exact in float64
-  and the float64 sum rounds back to the same float32, so each (user, item) score, and with it the
-  order, is the same however users are batched, sharded or resumed.
-  """
+  """Exact float32 scores of the selected items, re-sorted (best first, ties by item row)."""
   valid = rows >= 0
-  gathered = np.asarray(items)[np.where(valid, rows, 0)].astype(np.float64)
-  scores = np.einsum("bd,bkd->bk", queries.astype(np.float64), gathered).astype(np.float32)
+  gathered = np.asarray(items)[np.where(valid, rows, 0)]
+  scores = np.einsum("bd,bkd->bk", queries, gathered).astype(np.float32)
   scores[~valid] = -np.inf
   order = np.lexsort((np.where(valid, rows, np.iinfo(np.int64).max), -scores.astype(np.float64)))
   return np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
@@ -212,7 +210,8 @@ class Generator:
           r2, s2, c2 = select(er, es, self.exclusions.mask(users[lost], er), k)
           r[still], s[still], c[still] = r2, s2, c2
         rows[group], scores[group], counts[group] = r, s, c
-    rows, scores = rescore(queries, self.index.item_embeddings, rows)
+    if not self.index.settings.exact_scores:  # int8 brute force: report exact scores
+      rows, scores = rescore(queries, self.index.item_embeddings, rows)
     return rows, scores, counts
 
   def __call__(self, users: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
