@@ -102,13 +102,16 @@ def test_padded_schema_rounds_table_rows():
 
 def test_uneven_small_parameters_are_replicated_large_ones_refused():
   mesh = AbstractMesh((4, 2), ("data", "model"))
-  fit = lambda spec, shape, mb: sharding._fit("t", spec, shape, 4, mesh, mb * 2**20)  # pylint: disable=protected-access
+  table = "item_tower/embedding/tables/tags/embedding"
+  fit = lambda spec, shape, mb, name=table: sharding._fit(name, spec, shape, 4, mesh, mb * 2**20)  # pylint: disable=protected-access
   assert fit(P("model", None), (56, 16), 0) == P("model")
   assert fit(P(("data", "model"), None), (64, 16), 0) == P(("data", "model"))
   assert fit(P("model", None), (55, 16), 1) == P()  # 3.5 KiB: kept whole on every device
-  with pytest.raises(ValueError, match=r"parameter t of shape \(55, 16\).*does not divide the 2 "
-                     r"devices.*table_row_multiple=2.*replicate_uneven_mb=1"):
+  with pytest.raises(ValueError, match=rf"parameter {table} of shape \(55, 16\).*does not divide "
+                     r"the 2 devices.*table_row_multiple=2.*replicate_uneven_mb=1"):
     fit(P("model", None), (55, 16), 0)
+  with pytest.raises(ValueError, match=r"Change the layer's size, choose mesh sizes that divide 129"):
+    fit(P(None, "model"), (64, 129), 0, name="query_tower/layers/0/kernel")
   # Axes of size 1 are dropped: the same spec is valid on any mesh.
   single = AbstractMesh((8, 1), ("data", "model"))
   assert sharding._fit("k", P(None, "model"), (97, 128), 4, single, 0) == P()  # pylint: disable=protected-access

@@ -200,7 +200,7 @@ class Generator:
       buckets = np.minimum(self.num_items, 2 ** np.ceil(np.log2(np.maximum(need, 1))).astype(np.int64))
       for fetch in np.unique(buckets):
         group = short[buckets == fetch]
-        r, s = self.index.search(queries[group], int(fetch))
+        r, s = self.index.search(queries[group], int(fetch), precise_k=k)
         r, s, c = select(r, s, self.exclusions.mask(users[group], r), k)
         still = c < achievable[group]
         if still.any():  # the approximate search returned too few: search these users exactly
@@ -217,7 +217,7 @@ class Generator:
   def __call__(self, users: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Yields (user rows, item rows [B, K] (-1 pad), scores [B, K], counts [B]) batch by batch."""
     for batch_users, queries in self.query_stream(users):
-      rows, scores = self.index.search(queries, self.fetch)
+      rows, scores = self.index.search(queries, self.fetch, precise_k=self.top_k)
       yield (batch_users,) + self._finish(batch_users.astype(np.int64), queries, rows, scores)
 
 

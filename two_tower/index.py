@@ -209,13 +209,20 @@ def build_searcher(items: np.ndarray, settings: Settings, num_threads: int = 0):
   return searcher
 
 
-def search(searcher, settings: Settings, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """(item rows int64 [B, k], scores float32 [B, k]), best first; row -1 where fewer than k exist."""
+def search(searcher, settings: Settings, queries: np.ndarray, k: int, *, precise_k: int | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """(item rows int64 [B, k], scores float32 [B, k]), best first; row -1 where fewer than k exist.
+
+  `precise_k` < k: only the first precise_k neighbours need the calibrated precision, the others
+  are a buffer (for exclusions), so the re-order depth grows by one per extra neighbour instead of
+  by reorder_multiplier.
+  """
   queries = np.ascontiguousarray(queries, np.float32)
   if settings.mode == "tree_ah":
+    precise_k = k if precise_k is None else min(precise_k, k)
     idx, dist = searcher.search_batched_parallel(
         queries, final_num_neighbors=k, leaves_to_search=settings.leaves_to_search,
-        pre_reorder_num_neighbors=settings.reorder_depth(k))
+        pre_reorder_num_neighbors=settings.reorder_depth(precise_k) + k - precise_k)
   else:
     idx, dist = searcher.search_batched_parallel(queries, final_num_neighbors=k)
   idx = np.asarray(idx, np.int64)
@@ -508,8 +515,10 @@ class LoadedIndex:
   def num_items(self) -> int:
     return int(self.manifest["num_items"])
 
-  def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    return search(self.searcher, self.settings, queries, min(k, self.num_items))
+  def search(self, queries: np.ndarray, k: int, *, precise_k: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    return search(self.searcher, self.settings, queries, min(k, self.num_items),
+                  precise_k=precise_k)
 
   def check_model(self, *, dim: int, step: int, item_ids: np.ndarray) -> None:
     """Raises IndexMismatchError unless this index was built for this model and catalog."""

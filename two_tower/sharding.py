@@ -176,14 +176,15 @@ def _fit(name: str, spec: P, shape: tuple[int, ...], itemsize: int, mesh: Mesh,
       nbytes = math.prod(shape) * itemsize
       if nbytes > replicate_bytes:
         divisors = [d for d in range(2, mesh.size + 1) if shape[dim] % d == 0]
+        pad = (f"Pad the embedding tables with --config.mesh.table_row_multiple={shards} (or a "
+               "multiple of it; keep it for the life of the work directory), "
+               if "/tables/" in name else "Change the layer's size, ")
         raise ValueError(
             f"parameter {name} of shape {shape} ({nbytes / 2**20:.1f} MiB) cannot be sharded: its "
             f"dimension {dim} ({shape[dim]}) does not divide the {shards} devices of mesh axes "
-            f"{axes}. Pad the embedding tables with --config.mesh.table_row_multiple={shards} (or "
-            f"a multiple of it; keep it for the life of the work directory), choose mesh sizes "
-            f"that divide {shape[dim]} (sizes up to the device count that do: {divisors or 'none'}), "
-            f"or keep it whole on every device with --config.mesh.replicate_uneven_mb="
-            f"{math.ceil(nbytes / 2**20)}")
+            f"{axes}. {pad}choose mesh sizes that divide {shape[dim]} (sizes up to the device "
+            f"count that do: {divisors or 'none'}), or keep it whole on every device with "
+            f"--config.mesh.replicate_uneven_mb={math.ceil(nbytes / 2**20)}")
       logging.info("replicating %s %s: dimension %d does not divide mesh axes %s", name, shape,
                    dim, axes)
       axes = ()
@@ -205,6 +206,7 @@ def param_shardings(abstract_state, mesh: Mesh, cfg: ml_collections.ConfigDict |
     return NamedSharding(mesh, spec)
   return jax.tree_util.tree_map_with_path(fit, specs, abstract_state,
                                           is_leaf=lambda x: isinstance(x, P))
+
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param_sh, mesh: Mesh):
   """Shardings of `tx`'s state: each copy of the parameter tree in it (Adam's moments, Adagrad's

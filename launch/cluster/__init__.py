@@ -1,0 +1,1 @@
+"""Launch scripts for clusters: local processes, Cloud TPU VM pods, SLURM and Kubernetes."""
