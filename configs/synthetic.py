@@ -9,5 +9,5 @@ def get_config():
   c.model.item_features = ("item_id", "category", "tags", "price")
   c.loss.update(logq_correction=True, num_uniform_negatives=256)
   c.optimizer.learning_rate = 1e-2
-  c.train.update(batch_size=1024, num_epochs=4.0, eval_every_steps=300)
+  c.train.update(batch_size=1024, num_epochs=4.0, eval_every_steps=150, select_by="ndcg@10")
   return c

@@ -47,6 +47,7 @@ from jax.experimental import multihost_utils
 
 from two_tower import embeddings as emb_lib
 from two_tower import index as index_lib
+from two_tower.reporting import Reporter, write_json_atomic
 
 JOB = "_job.json"
 SUCCESS = "_SUCCESS"
@@ -243,8 +244,7 @@ def _arrow_ids(ids: np.ndarray) -> pa.Array:
 
 
 def shard_table(user_ids: np.ndarray, item_ids: np.ndarray, rows: np.ndarray, scores: np.ndarray,
-                counts: np.ndarray, *, model_step: int, index_version: str, metadata: dict
-                ) -> pa.Table:
+                counts: np.ndarray, *, model_step: int, index_version: str) -> pa.Table:
   """The Parquet rows of a batch of users (`rows` are item rows, -1 past each user's count)."""
   valid = rows >= 0
   flat_rows = rows[valid]
@@ -260,7 +260,7 @@ def shard_table(user_ids: np.ndarray, item_ids: np.ndarray, rows: np.ndarray, sc
       "index_version": pa.DictionaryArray.from_arrays(
           pa.array(np.zeros(num, np.int32)), pa.array([index_version])).cast(pa.string()),
   })
-  return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+  return table
 
 
 def write_shard(path: str, table: pa.Table) -> None:
@@ -329,8 +329,7 @@ def write_shards(generator: Generator, output: str, job: dict, shards: dict[int,
     for batch_users, rows, scores, counts in generator(shard_users):
       short += int((counts < generator.top_k).sum())
       tables.append(shard_table(user_raw[batch_users], item_ids, rows, scores, counts,
-                                model_step=job["model_step"], index_version=job["index_version"],
-                                metadata={}))
+                                model_step=job["model_step"], index_version=job["index_version"]))
       on_users(len(batch_users))
       scored += len(batch_users)
     meta = {"job": job, "shard": i, "num_users": int(len(shard_users)),
@@ -358,9 +357,10 @@ def generate_candidates(workdir: str, output: str, *, user_ids_file: str | None 
                         top_k: int | None = None, config: ml_collections.ConfigDict | None = None,
                         hook: Hook | None = None) -> dict:
   """Writes every user's (or the listed users') top-K candidates to `output`; returns _SUCCESS."""
+  # Imported here: the experiment modules pull in orbax, grain and TFDS, which the library part of
+  # this module (used by benchmarks) does not need.
   from two_tower.experiment import (  # pylint: disable=g-import-not-at-top
       bind_workdir, load_for_eval, load_workdir_config, prepare_data)
-  from two_tower.reporting import Reporter, write_json_atomic  # pylint: disable=g-import-not-at-top
   hook = hook or (lambda stage: None)
   start = time.perf_counter()
   config = index_lib.serving_config(config if config is not None else load_workdir_config(workdir))
@@ -472,7 +472,6 @@ def generate_candidates(workdir: str, output: str, *, user_ids_file: str | None 
 
 def _write_success(output: str, job: dict, num_shards: int, users: UserList, overfetch: int,
                    seconds: float, users_per_s: float | None) -> dict:
-  from two_tower.reporting import write_json_atomic  # pylint: disable=g-import-not-at-top
   totals = dict.fromkeys(("users", "rows", "users_with_fewer_than_k", "users_searched_again",
                           "users_searched_exactly"), 0)
   for i in range(num_shards):

@@ -126,13 +126,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 
 
 def load_for_eval(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> Setup:
-  """The setup of a work directory with a checkpoint restored: the given step, else the best one
-  by validation metric when train.select_by is set, else the latest."""
+  """The setup of a work directory with a checkpoint restored: the given step (from the regular
+  or the best checkpoints), else the best one by validation metric when train.select_by is set,
+  else the latest."""
   s = setup(config, workdir)
-  source = s.checkpointer
-  if step is None and config.train.select_by and s.best.latest_step() is not None:
-    source, step = s.best, s.best.latest_step()
-  step = source.latest_step() if step is None else step
+  if step is None:
+    use_best = config.train.select_by and s.best.latest_step() is not None
+    source = s.best if use_best else s.checkpointer
+    step = source.latest_step()
+  else:
+    source = s.best if step in s.best.all_steps() else s.checkpointer
   if step is None:
     raise FileNotFoundError(
         f"no checkpoint in {s.checkpointer.directory}: train first with "

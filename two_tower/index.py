@@ -9,13 +9,14 @@ set in config.index; 0 means "by the rule"):
   * otherwise tree partitioning + asymmetric hashing (AH) with anisotropic quantization, then exact
     float32 re-ordering of the best AH candidates:
       num_leaves           round(sqrt(N))                  ~sqrt(N) points per leaf
-      leaves_to_search     max(8, ceil(2% of num_leaves))  then raised by calibration
+      leaves_to_search     max(8, ceil(2% of num_leaves))  then calibrated
       reorder depth        reorder_multiplier (4) x max(neighbours requested, 30), calibrated
       training_sample_size min(N, max(100,000, 64 x num_leaves))
       dims_per_block 2, anisotropic_quantization_threshold 0.2 (ScaNN's recommendations)
-    Calibration: on a sample of real query embeddings, the automatic search settings are raised
-    step by step (re-order depth, then leaves searched) until recall@100 reaches the validation
-    floor plus a margin; values set in the config are never changed.
+    Calibration: on a sample of real query embeddings, the search settings chosen by rule are
+    replaced by the cheapest ones (fewest leaves, then shallowest re-ordering, on ladders around
+    the rule) whose recall reaches the validation floors plus a margin; values set in the config
+    are never changed.
 
 Validation gate. Recall@10 and recall@100 against exact top-K (jax.lax.top_k over the same
 embeddings) are measured on a second sample of query embeddings, disjoint from the calibration
@@ -64,6 +65,7 @@ from jax.experimental import multihost_utils
 
 from configs.base import get_base_config
 from two_tower import embeddings as emb_lib
+from two_tower.reporting import Reporter, write_json_atomic
 
 MANIFEST = "manifest.json"
 LIVE = "LIVE"
@@ -613,8 +615,9 @@ def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *
 
   Returns the manifest. Raises IndexValidationError (nothing published) below the recall floors.
   """
+  # Imported here: the experiment modules pull in orbax, grain and TFDS, which searching an index
+  # (benchmarks, scoring) does not need.
   from two_tower.experiment import load_for_eval, load_workdir_config  # pylint: disable=g-import-not-at-top
-  from two_tower.reporting import Reporter  # pylint: disable=g-import-not-at-top
   hook = hook or (lambda stage: None)
   start = time.perf_counter()
   config = serving_config(config if config is not None else load_workdir_config(workdir))
@@ -738,7 +741,6 @@ def _train_validate_publish(store: IndexStore, version: str, embedder: emb_lib.E
         "scann_version": _scann_version(),
         "files": files,
     }
-    from two_tower.reporting import write_json_atomic  # pylint: disable=g-import-not-at-top
     write_json_atomic(os.path.join(directory, MANIFEST), manifest)
     published = True  # complete from here on: a crash leaves a valid, unpublished version
     hook("manifest")
