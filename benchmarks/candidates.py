@@ -188,7 +188,7 @@ def run(args: argparse.Namespace, scratch: str) -> None:
   searcher.serialize(os.path.join(version_dir, index.SCANN_DIR), relative_path=True)
   files = {name: {"bytes": os.path.getsize(os.path.join(version_dir, name)),
                   "sha256": index.sha256_file(os.path.join(version_dir, name))}
-           for name in index._list_files(version_dir)}  # pylint: disable=protected-access
+           for name in index.list_files(version_dir)}
   manifest = {"format": index.FORMAT, "version": "v000001", "model_step": 0,
               "num_items": args.num_items, "dim": OUT_DIM, "files": files,
               "settings": dataclasses.asdict(settings)}

@@ -10,7 +10,7 @@ import statistics
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +31,7 @@ CONFIGS = {
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for name, (module, keys) in CONFIGS.items():

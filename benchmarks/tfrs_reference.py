@@ -1,6 +1,8 @@
 """TensorFlow Recommenders' basic retrieval recipe on MovieLens-100K, timed (the reference for
 benchmarks/train_throughput.py; runs in its own process, needs the `bench` extra).
 
+Usage: tfrs_reference.py ML_100K_DIR [SEED]   (seed 42, as in TFRS's tutorial, by default)
+
 Prints one JSON line: {"examples_per_s": ..., "accuracy@10": ..., "accuracy@100": ...}.
 Metrics are computed only at evaluation (compute_metrics=not training), TFRS's fastest setting,
 and examples/s is measured over epochs 2-3, after tracing and caching in epoch 1.
@@ -14,20 +16,24 @@ import time
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # TFRS needs Keras 2
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# TFRS imports ScaNN's TensorFlow ops when ScaNN is installed (it is, for our index), and those ops
+# are built for another TensorFlow version; the basic recipe does not use them.
+sys.modules["scann"] = None
+
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_recommenders as tfrs  # noqa: E402
 
 
-def main(source_dir: str, epochs: int = 3, batch_size: int = 8192) -> None:
+def main(source_dir: str, seed: int = 42, epochs: int = 3, batch_size: int = 8192) -> None:
   data = np.loadtxt(os.path.join(source_dir, "u.data"), dtype=np.int64)
   users = data[:, 0].astype(str)
   movies = data[:, 1].astype(str)
   with open(os.path.join(source_dir, "u.item"), encoding="latin-1") as f:
     all_movies = np.array([line.split("|")[0] for line in f if line.strip()])
-  tf.random.set_seed(42)
+  tf.random.set_seed(seed)
   ratings = tf.data.Dataset.from_tensor_slices({"user_id": users, "movie_id": movies})
-  shuffled = ratings.shuffle(100_000, seed=42, reshuffle_each_iteration=False)
+  shuffled = ratings.shuffle(100_000, seed=seed, reshuffle_each_iteration=False)
   train, test = shuffled.take(80_000), shuffled.skip(80_000).take(20_000)
   unique_users = np.unique(users)
 
@@ -70,4 +76,4 @@ def main(source_dir: str, epochs: int = 3, batch_size: int = 8192) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(sys.argv[1], *map(int, sys.argv[2:3]))  # source_dir [seed]

@@ -7,6 +7,7 @@ When tensorflow-recommenders is installed (`pip install -e '.[bench]'`), it also
 recipe in a child process on the same machine and data and prints both, and the ratio.
 """
 
+import importlib.util
 import json
 import os
 import statistics
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,9 +34,7 @@ def ours(source_dir: str) -> float:
 
 
 def tfrs(source_dir: str) -> dict | None:
-  try:
-    import tensorflow_recommenders  # noqa: F401
-  except ImportError:
+  if importlib.util.find_spec("tensorflow_recommenders") is None:
     return None
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tfrs_reference.py")
   out = subprocess.run([sys.executable, script, source_dir], capture_output=True, text=True,
@@ -45,6 +44,7 @@ def tfrs(source_dir: str) -> dict | None:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   source_dir = _SOURCE_DIR.value
   if os.path.isdir(os.path.join(source_dir, "ml-100k")):
     source_dir = os.path.join(source_dir, "ml-100k")
@@ -57,8 +57,8 @@ def main(argv):
     print("tensorflow-recommenders is not installed: pip install -e '.[bench]' to measure TFRS too")
     return
   tfrs_eps = statistics.median(r["examples_per_s"] for r in tfrs_runs)
-  print(f"TFRS (TensorFlow) same recipe: {tfrs_eps:,.0f} examples/s "
-        f"(runs: {', '.join(f'{r['examples_per_s']:,.0f}' for r in tfrs_runs)}); "
+  tfrs_list = ", ".join(f"{r['examples_per_s']:,.0f}" for r in tfrs_runs)
+  print(f"TFRS (TensorFlow) same recipe: {tfrs_eps:,.0f} examples/s (runs: {tfrs_list}); "
         f"TFRS test accuracy@100 {statistics.mean(r['accuracy@100'] for r in tfrs_runs):.4f}, "
         f"accuracy@10 {statistics.mean(r['accuracy@10'] for r in tfrs_runs):.4f}")
   print(f"ratio: {ours_eps / tfrs_eps:.2f}x TFRS")

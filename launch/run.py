@@ -34,7 +34,9 @@ def run(config, workdir: str) -> None:
         f"{k} {metrics[k]:.4f} / {planted[k]:.4f}" for k in ("recall@10", "ndcg@10", "recall@100")))
   # A live index of this very checkpoint is reused, so that rerunning the job changes nothing.
   manifest = index.live_manifest(os.path.join(workdir, "index"))
-  if manifest is None or manifest["model_step"] != summary["steps"]:
+  # The index is built from the checkpoint evaluation uses: the best one, when tracked.
+  model_step = (summary["best_validation"] or {}).get("step") or summary["steps"]
+  if manifest is None or manifest["model_step"] != model_step:
     manifest = index.build_index(workdir, config)
   common.print_json("index", {k: manifest[k] for k in (
       "version", "model_step", "num_items", "settings", "validation")})

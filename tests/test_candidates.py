@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_module
+from conftest import ROOT, run_module
 from two_tower import candidates
 from two_tower import index
 from two_tower.experiment import load_workdir_config
@@ -87,6 +88,22 @@ def test_overfetch_then_refetch_gives_every_user_k():
     want = [i for i in exact[u] if i not in set(hist[j] for j in range(len(hist)) if users[j] == u)]
     assert rows[u].tolist() == want[:k]
   assert generator.refetched > 0  # the users with long histories needed a second search
+
+
+def test_int8_brute_force_reports_exact_scores():
+  rng = np.random.default_rng(1)
+  items = rng.standard_normal((300, 16)).astype(np.float32)
+  queries = rng.standard_normal((4, 16)).astype(np.float32)
+  settings = index.Settings("brute_force", int8=True)
+  loaded = index.LoadedIndex("memory", {"num_items": 300, "version": "test"}, settings,
+                             index.build_searcher(items, settings), np.arange(300), items)
+  generator = candidates.Generator(loaded, lambda rows: iter([(rows, queries[rows])]),
+                                   candidates.Exclusions.none(4, 300), 20, overfetch=0)
+  (_, rows, scores, counts), = list(generator(np.arange(4)))
+  assert (counts == 20).all()
+  exact = np.einsum("bd,bkd->bk", queries, items[rows])
+  np.testing.assert_allclose(scores, exact, rtol=1e-6, atol=1e-6)
+  assert (np.diff(scores, axis=1) <= 0).all()  # re-sorted by the exact scores
 
 
 def test_read_user_ids_reports_unknown_and_duplicates(tmp_path):
@@ -247,3 +264,28 @@ def test_cli(indexed, tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     common.run_cli(lambda: candidates.generate_candidates(indexed, str(tmp_path / "x"), top_k=1000))
   assert exit_info.value.code == 2 and "larger than the catalog" in capsys.readouterr().err
+
+
+def test_two_processes_write_their_own_shards(indexed, scored, tmp_path):
+  """2 JAX processes (launch.cluster.local): shards split between them, same candidates."""
+  import io
+  from launch.cluster import local
+  config_file = tmp_path / "workdir_config.py"  # the work directory's own config, as a config file
+  config_file.write_text(
+      "import json, ml_collections\n"
+      "def get_config():\n"
+      f"  return ml_collections.ConfigDict(json.load(open({os.path.join(indexed, 'config.json')!r})))\n")
+  output = str(tmp_path / "out")
+  log = io.StringIO()
+  code = local.launch(
+      [sys.executable, "-m", "launch.score", f"--workdir={indexed}", f"--output={output}",
+       f"--config={config_file}", "--config.score.users_per_shard=100"],
+      num_processes=2, cwd=ROOT, out=log, timeout_s=120)
+  assert code == 0, log.getvalue()[-4000:]
+  assert sorted(n for n in os.listdir(output) if n.endswith(".parquet")) == [
+      "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+  with open(os.path.join(output, candidates.SUCCESS)) as f:
+    assert json.load(f)["users"] == 300
+  got, want = _read(output), _read(scored[0])
+  for name in ("user_id", "rank", "item_id"):
+    assert got.column(name).equals(want.column(name))

@@ -347,10 +347,13 @@ def write_shards(generator: Generator, output: str, job: dict, shards: dict[int,
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  """Steps of the regular and the best-by-validation checkpoints."""
+  steps = set()
+  for name in ("checkpoints", "checkpoints_best"):
+    directory = os.path.join(workdir, name)
+    if os.path.isdir(directory):
+      steps.update(int(d) for d in os.listdir(directory) if d.isdigit())
+  return sorted(steps)
 
 
 def generate_candidates(workdir: str, output: str, *, user_ids_file: str | None = None,

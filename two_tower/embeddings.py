@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -181,9 +181,3 @@ def read_embeddings(directory: str, side: str, mmap: bool = True
                      f"{len(ids_all)} IDs, their description says {meta['count']}: rewrite them")
   return ids_all, emb, meta
 
-
-def embedding_files(directory: str, side: str) -> Sequence[str]:
-  """Names (relative to `directory`) of everything `write_embeddings` wrote for `side`."""
-  with open(meta_path(directory, side)) as f:
-    meta = json.load(f)
-  return [name for part in meta["parts"] for name in part] + [os.path.basename(meta_path(directory, side))]

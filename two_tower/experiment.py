@@ -87,7 +87,7 @@ class Setup:
   num_steps: int
   num_examples: int
   checkpointer: Checkpointer
-  best: Checkpointer  # the best state by validation metric (train.select_by), if tracked
+  best: Checkpointer | None  # the best state by validation metric, when train.select_by is set
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
@@ -117,12 +117,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   catalog = jax.device_put(
       feats.load_catalog(data, config.model.query_features, config.model.item_features),
       sharding.replicated(mesh))
+  best = None
+  if config.train.select_by:
+    best = Checkpointer(os.path.join(workdir, "checkpoints_best"), max_to_keep=1, save_interval_steps=1)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               max_to_keep=config.train.max_checkpoints_to_keep,
                               save_interval_steps=config.train.checkpoint_every_steps)
   return Setup(config, workdir, mesh, data, graphdef, state, state_sh, catalog, tx, num_steps,
-               num_examples, checkpointer,
-               Checkpointer(os.path.join(workdir, "checkpoints_best"), max_to_keep=1, save_interval_steps=1))
+               num_examples, checkpointer, best)
 
 
 def load_for_eval(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> Setup:
@@ -131,11 +133,11 @@ def load_for_eval(config: ml_collections.ConfigDict, workdir: str, step: int | N
   else the latest."""
   s = setup(config, workdir)
   if step is None:
-    use_best = config.train.select_by and s.best.latest_step() is not None
+    use_best = s.best is not None and s.best.latest_step() is not None
     source = s.best if use_best else s.checkpointer
     step = source.latest_step()
   else:
-    source = s.best if step in s.best.all_steps() else s.checkpointer
+    source = s.best if s.best is not None and step in s.best.all_steps() else s.checkpointer
   if step is None:
     raise FileNotFoundError(
         f"no checkpoint in {s.checkpointer.directory}: train first with "

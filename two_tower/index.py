@@ -390,7 +390,8 @@ def _write_text_atomic(path: str, text: str) -> None:
     raise
 
 
-def _list_files(directory: str) -> list[str]:
+def list_files(directory: str) -> list[str]:
+  """Files under `directory` (relative paths) that a manifest lists: all but itself and temps."""
   out = []
   for root, _, names in os.walk(directory):
     for name in names:
@@ -640,8 +641,10 @@ def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *
     store.remove_incomplete(keep=version)
   version = _broadcast_name(version)
   directory = store.path(version)
-  reporter = Reporter(os.path.join(workdir, "tensorboard", "index"), total_steps=num_items,
-                      initial_step=0, desc="embed items", unit="item")
+  block = emb_lib.process_block(num_items)  # this process's items
+  reporter = Reporter(os.path.join(workdir, "tensorboard", "index"),
+                      total_steps=block.stop - block.start, initial_step=0, desc="embed items",
+                      unit="item")
   embed_start = time.perf_counter()
   try:
     emb_lib.write_embeddings(os.path.join(directory, EMBEDDINGS_DIR), "item", embedder,
@@ -720,7 +723,7 @@ def _train_validate_publish(store: IndexStore, version: str, embedder: emb_lib.E
     hook("serialized")
     files = {name: {"bytes": os.path.getsize(os.path.join(directory, name)),
                     "sha256": sha256_file(os.path.join(directory, name))}
-             for name in _list_files(directory)}
+             for name in list_files(directory)}
     manifest = {
         "format": FORMAT,
         "version": version,

@@ -4,7 +4,6 @@ around it (data, checkpoints, evaluation, logging)."""
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import signal
 import threading
@@ -130,10 +129,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       worker_count=config.data.worker_count, prefetch_buffer_size=config.data.prefetch_buffer_size)
   data_iter = iter(dataset)
   state = s.state
-  start = s.checkpointer.latest_step()
-  if start is not None:
-    state = s.checkpointer.restore(start, state, data_iter)
-    logging.info("resumed from %s", s.checkpointer.path(start))
+  resumed_from = s.checkpointer.latest_step()
+  if resumed_from is not None:
+    state = s.checkpointer.restore(resumed_from, state, data_iter)
   start = int(state.step)
 
   step_fn = jax.jit(
@@ -154,6 +152,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   reporter = Reporter(os.path.join(workdir, "tensorboard"), total_steps=s.num_steps, initial_step=start)
   reporter.write(f"training {s.num_steps} steps of {cfg.batch_size} examples on mesh "
                  f"{dict(s.mesh.shape)}; data: {s.data.path}")
+  if resumed_from is not None:
+    reporter.write(f"resumed from {s.checkpointer.path(resumed_from)} (data position included)")
   stopwatch = Stopwatch()
   schedule = learning_rate_schedule(config.optimizer, s.num_steps)
   batch_sharding = sharding.batch_sharding(s.mesh)
@@ -204,7 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     preemption.restore()
     reporter.close()
     s.checkpointer.wait()  # let in-flight saves finish, also when stopping on an error
-    s.best.wait()
+    if s.best is not None:
+      s.best.wait()
   last = s.checkpointer.latest_step()
   summary = {
       "steps": int(state.step),
@@ -220,5 +221,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, "train_summary.json"), summary)
   s.checkpointer.close()
-  s.best.close()
+  if s.best is not None:
+    s.best.close()
   return summary
