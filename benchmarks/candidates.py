@@ -76,8 +76,7 @@ def planted_model(num_users: int, num_items: int, seed: int = 0):
   cfg.update(query_features=("user_id", "history"), item_features=("item_id",),
              id_embedding_dim=LATENT_DIM, hidden_dims=(), output_dim=OUT_DIM, l2_normalize=True,
              temperature=0.1)
-  with nnx.use_eager_sharding(False):  # no mesh here: one device's worth of parameters
-    model = TwoTower(schema, cfg, rngs=nnx.Rngs(seed))
+  model = TwoTower(schema, cfg, rngs=nnx.Rngs(seed))
   space = LatentSpace(LATENT_DIM, seed=seed)
   item_latent, item_cluster = space.sample(num_items, seed=seed + 1)
   user_latent, user_cluster = space.sample(num_users, seed=seed + 2)

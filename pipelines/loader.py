@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import grain
+from absl import flags
 import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
@@ -157,6 +158,8 @@ def train_dataset(
   ds = ds.map(ReadBatch(split, batch_size // process_count, process_index))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if worker_count > 0:
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; outside an absl app: defaults
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=prefetch_buffer_size))
   elif prefetch_buffer_size > 0:

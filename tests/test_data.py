@@ -257,3 +257,34 @@ def test_training_history(tmp_path, kind, mode):
       own = {int(item_id[i]): min(ts_of[(int(ex["user_index"]), int(i))])
              for i in items[users == ex["user_index"]]}
       assert all(own[h] <= ex["timestamp"] for h in hist)
+
+
+def test_loader_batches_are_the_same_with_worker_processes_and_after_restore(tmp_path):
+  d = get_base_config().data
+  d.synthetic.update(num_users=60, num_items=50, num_interactions=2000, num_categories=4)
+  data = prepare(d, str(tmp_path / "data"))
+
+  def batches(worker_count, cache, restore_after=None):
+    split = loader.open_split(data.record_source("train"), data.schema.history_length, cache)
+    make = lambda: iter(loader.train_dataset(split, batch_size=64, num_examples=640, seed=3,
+                                             worker_count=worker_count))
+    it = make()
+    out = [next(it) for _ in range(restore_after or 10)]
+    if restore_after:
+      state = it.get_state()
+      it = make()
+      it.set_state(state)
+      out += list(it)
+    return out
+
+  reference = batches(0, "always")
+  assert len(reference) == 10
+  for other in (batches(0, "never"), batches(1, "always"), batches(0, "always", restore_after=4)):
+    assert len(other) == 10
+    for a, b in zip(reference, other):
+      for key in loader.BATCH_KEYS:
+        np.testing.assert_array_equal(a[key], b[key])
+  # Each epoch is a new permutation of the whole split.
+  n = len(loader.open_split(data.record_source("train"), data.schema.history_length))
+  seen = np.concatenate([b["item_index"] * 1000 + b["user_index"] for b in reference])
+  assert len(seen) == 640 and not np.array_equal(seen[:64], seen[n:n + 64])

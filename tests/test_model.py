@@ -66,8 +66,7 @@ def test_feature_on_the_wrong_tower_is_refused():
 
 
 def test_tables_shard_by_rows_and_kernels_by_output():
-  with nnx.use_eager_sharding(False):
-    model = nnx.eval_shape(lambda: TwoTower(SCHEMA, _cfg(), rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: TwoTower(SCHEMA, _cfg(), rngs=nnx.Rngs(0)))
   with nnx.logical_axis_rules(AXIS_RULES):
     specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
   assert specs["item_tower"]["embedding"]["tables"]["item_id"]["embedding"].get_value() == P("model", None)

@@ -143,3 +143,15 @@ def test_select_by_must_be_a_validation_metric(tmp_path):
   config.train.update(eval_every_steps=10, select_by="ndcg@5")
   with pytest.raises(ValueError, match=r"select_by='ndcg@5' is not a validation metric"):
     train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_export_tables_writes_unsharded_tables(trained_workdir, tmp_path):
+  out = tmp_path / "export"
+  result = run_module("launch.export_tables", f"--workdir={trained_workdir}", f"--output={out}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.load(open(out / "export.json"))
+  params, s = final_params(tiny_config(), trained_workdir)
+  table = np.load(out / "item.item_id.npy")
+  assert summary["tables"]["item/item_id"] == list(table.shape)
+  expected = params["item_tower"]["embedding"]["tables"]["item_id"]["embedding"]
+  np.testing.assert_array_equal(table, np.asarray(expected.get_value())[:table.shape[0]])

@@ -29,9 +29,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from two_tower import features as feats
 from two_tower.reporting import write_json_atomic
+from two_tower.sharding import DATA, MODEL
 
 SIDES = ("item", "query")
-DATA, MODEL = "data", "model"
 
 
 def process_block(num_rows: int, index: int | None = None, count: int | None = None) -> slice:

@@ -31,13 +31,12 @@ def create_train_state(schema: Schema, config: ml_collections.ConfigDict,
     params = nnx.state(model, nnx.Param)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  with nnx.use_eager_sharding(False):
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: TwoTower(schema, config.model, rngs=nnx.Rngs(0))))
-    abstract = jax.eval_shape(init)
-    param_sh = sharding.param_shardings(abstract.params, mesh, config.mesh)
-    opt_sh = sharding.opt_state_shardings(tx, abstract.params, param_sh, mesh)
-    state_sh = TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh)
-    state = jax.jit(init, out_shardings=state_sh)()
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: TwoTower(schema, config.model, rngs=nnx.Rngs(0))))
+  abstract = jax.eval_shape(init)
+  param_sh = sharding.param_shardings(abstract.params, mesh, config.mesh)
+  opt_sh = sharding.opt_state_shardings(tx, abstract.params, param_sh, mesh)
+  state_sh = TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh)
+  state = jax.jit(init, out_shardings=state_sh)()
   return graphdef, state, state_sh
 
 
