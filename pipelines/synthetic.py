@@ -85,12 +85,14 @@ def generate(cfg) -> tuple[RawData, Planted]:
   counts = rng.multinomial(cfg.num_interactions - num_users * cfg.min_per_user,
                            activity / activity.sum()) + cfg.min_per_user
   users_out, items_out, ts_out = [], [], []
+  favourite = np.empty(num_users, np.int64)
   chunk = max(1, 2_000_000 // max(num_cat, 1))
   for lo in range(0, num_users, chunk):
     users = np.arange(lo, min(lo + chunk, num_users))
     logits = cfg.sharpness * user_vec[users] @ cat_vec.T + cat_mask
     prefs = np.exp(logits - logits.max(axis=1, keepdims=True))
     prefs /= prefs.sum(axis=1, keepdims=True)
+    favourite[users] = prefs.argmax(axis=1)
     row_cdf = np.cumsum(prefs, axis=1)
     row_cdf[:, -1] = 1.0
     row_cdf += np.arange(len(users))[:, None]
@@ -117,7 +119,6 @@ def generate(cfg) -> tuple[RawData, Planted]:
   tags = [[f"t{t}" for t in row[:m]] for row, m in zip(tag_choice.tolist(), n_tags.tolist())]
   price = np.exp(rng.normal(item_cat % 7 * 0.3, 0.5)).astype(np.float32)
 
-  favourite = planted.category_preferences(np.arange(num_users)).argmax(axis=1)
   noisy = rng.random(num_users) < 0.3
   segment = np.where(noisy, rng.integers(0, num_cat, num_users), favourite)
   raw = RawData(
