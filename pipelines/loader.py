@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 
 import grain
-from absl import flags
 import numpy as np
+from absl import flags
 from tensorflow_datasets.proto import tf_example_pb2
 
 BATCH_KEYS = ("user_index", "item_index", "history", "weight")

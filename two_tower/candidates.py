@@ -47,6 +47,7 @@ from jax.experimental import multihost_utils
 
 from two_tower import embeddings as emb_lib
 from two_tower import index as index_lib
+from two_tower.experiment import bind_workdir, load_for_eval, load_workdir_config, prepare_data
 from two_tower.reporting import Reporter, write_json_atomic
 
 JOB = "_job.json"
@@ -360,10 +361,6 @@ def generate_candidates(workdir: str, output: str, *, user_ids_file: str | None 
                         top_k: int | None = None, config: ml_collections.ConfigDict | None = None,
                         hook: Hook | None = None) -> dict:
   """Writes every user's (or the listed users') top-K candidates to `output`; returns _SUCCESS."""
-  # Imported here: the experiment modules pull in orbax, grain and TFDS, which the library part of
-  # this module (used by benchmarks) does not need.
-  from two_tower.experiment import (  # pylint: disable=g-import-not-at-top
-      bind_workdir, load_for_eval, load_workdir_config, prepare_data)
   hook = hook or (lambda stage: None)
   start = time.perf_counter()
   config = index_lib.serving_config(config if config is not None else load_workdir_config(workdir))

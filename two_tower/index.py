@@ -65,6 +65,7 @@ from jax.experimental import multihost_utils
 
 from configs.base import get_base_config
 from two_tower import embeddings as emb_lib
+from two_tower.experiment import load_for_eval, load_workdir_config
 from two_tower.reporting import Reporter, write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -618,7 +619,6 @@ def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *
   """
   # Imported here: the experiment modules pull in orbax, grain and TFDS, which searching an index
   # (benchmarks, scoring) does not need.
-  from two_tower.experiment import load_for_eval, load_workdir_config  # pylint: disable=g-import-not-at-top
   hook = hook or (lambda stage: None)
   start = time.perf_counter()
   config = serving_config(config if config is not None else load_workdir_config(workdir))
