@@ -34,9 +34,8 @@ def run(workdir: str, config, rollback: bool) -> None:
   manifest = {k: v for k, v in manifest.items() if k not in ("files", "calibration")}
   common.print_json("index", manifest)
   root = os.path.join(workdir, "index")
-  print("artifacts:")
-  print(f"  {'index':14s} {os.path.join(root, manifest['version'])}")
-  print(f"  {'live pointer':14s} {os.path.join(root, index.LIVE)}")
+  common.print_artifacts({"index": os.path.join(root, manifest["version"]),
+                          "live pointer": os.path.join(root, index.LIVE)})
 
 
 def main(argv):

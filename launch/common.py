@@ -66,6 +66,12 @@ def print_json(title: str, payload) -> None:
   print(f"{title}:\n{json.dumps(payload, indent=2, sort_keys=True)}")
 
 
+def print_artifacts(paths: dict[str, str]) -> None:
+  print("artifacts:")
+  for name, path in paths.items():
+    print(f"  {name:14s} {path}")
+
+
 def define_workdir() -> flags.FlagHolder:
   return flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, outputs).",
                              required=True)

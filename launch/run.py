@@ -43,17 +43,15 @@ def run(config, workdir: str) -> None:
   output = os.path.join(workdir, "candidates")
   scored = candidates.generate_candidates(workdir, output, config=config)
   common.print_json("candidates", scored)
-  print("artifacts:")
-  for name, path in (
-      ("data", summary["data"]),
-      ("checkpoint", summary["checkpoint"]),
-      ("train summary", os.path.join(workdir, "train_summary.json")),
-      ("metrics", os.path.join(workdir, "eval", "metrics.json")),
-      ("tensorboard", os.path.join(workdir, "tensorboard")),
-      ("index", os.path.join(workdir, "index", manifest["version"])),
-      ("candidates", os.path.join(output, "part-*.parquet")),
-  ):
-    print(f"  {name:14s} {path}")
+  common.print_artifacts({
+      "data": summary["data"],
+      "checkpoint": summary["best_checkpoint"] or summary["checkpoint"],
+      "train summary": os.path.join(workdir, "train_summary.json"),
+      "metrics": os.path.join(workdir, "eval", "metrics.json"),
+      "tensorboard": os.path.join(workdir, "tensorboard"),
+      "index": os.path.join(workdir, "index", manifest["version"]),
+      "candidates": os.path.join(output, "part-*.parquet"),
+  })
 
 
 def main(argv):

@@ -32,9 +32,8 @@ def run(workdir: str, output: str, user_ids: str | None, top_k: int | None, conf
   success = candidates.generate_candidates(workdir, output, user_ids_file=user_ids, top_k=top_k,
                                            config=config)
   common.print_json("candidates", success)
-  print("artifacts:")
-  print(f"  {'candidates':14s} {os.path.join(output, 'part-*.parquet')}")
-  print(f"  {'success':14s} {os.path.join(output, candidates.SUCCESS)}")
+  common.print_artifacts({"candidates": os.path.join(output, "part-*.parquet"),
+                          "success": os.path.join(output, candidates.SUCCESS)})
 
 
 def main(argv):
