@@ -155,3 +155,37 @@ def test_export_tables_writes_unsharded_tables(trained_workdir, tmp_path):
   assert summary["tables"]["item/item_id"] == list(table.shape)
   expected = params["item_tower"]["embedding"]["tables"]["item_id"]["embedding"]
   np.testing.assert_array_equal(table, np.asarray(expected.get_value())[:table.shape[0]])
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  from conftest import ROOT
+  workdir = tmp_path / "w"
+  args = [sys.executable, "-m", "launch.train", "--config=tests/tiny_config.py",
+          f"--workdir={workdir}", "--config.train.num_epochs=200",
+          "--config.train.checkpoint_every_steps=100000"]
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not glob.glob(str(workdir / "tensorboard" / "events.*")) and time.time() < deadline:
+    time.sleep(0.5)
+  time.sleep(3)  # well into training: the first steps are compiled and running
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 143, stderr[-2000:]
+  assert "preempted: stopped by SIGTERM at step" in stderr
+  steps = [int(os.path.basename(p)) for p in glob.glob(str(workdir / "checkpoints" / "*"))
+           if os.path.basename(p).isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 200 * 29  # saved where it stopped, off-schedule
+  seen = []
+
+  def stop_after_first_step(step, state):
+    seen.append(step)
+    raise Crash()
+  config = tiny_config()
+  config.train.update(num_epochs=200.0, checkpoint_every_steps=100000)
+  with pytest.raises(Crash):
+    train_and_evaluate(config, str(workdir), hooks=[stop_after_first_step])
+  assert seen == [steps[0] + 1]  # the rerun continues right after the preemption checkpoint

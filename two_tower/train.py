@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pipelines import loader
@@ -90,6 +91,12 @@ class PreemptionHandler:
   def _on_signal(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def should_stop(self) -> bool:
+    """Whether any process was asked to stop: all processes must save the same step together."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
 
   def restore(self) -> None:
     if self._previous is not None:
@@ -190,10 +197,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if tracker is not None:
           tracker.update(done, val, state)
       stop_early = tracker is not None and tracker.should_stop(done)
+      preempted = preemption.should_stop()
       s.checkpointer.save(done, state, data_iter,
-                          force=done == s.num_steps or preemption.requested or stop_early)
+                          force=done == s.num_steps or preempted or stop_early)
       reporter.step()
-      if preemption.requested:
+      if preempted:
         raise Preempted(f"stopped by SIGTERM at step {done}; checkpoint {s.checkpointer.path(done)} "
                         "saved: run the same command again to resume")
       if stop_early:
