@@ -92,10 +92,13 @@ class PreemptionHandler:
     del signum, frame
     self.requested = True
 
-  def should_stop(self) -> bool:
-    """Whether any process was asked to stop: all processes must save the same step together."""
+  def should_stop(self, step: int, every: int) -> bool:
+    """Whether any process was asked to stop. All processes must save the same step together, so
+    with several they agree every `every` steps (a host collective, not paid on every step)."""
     if jax.process_count() == 1:
       return self.requested
+    if step % every:
+      return False
     return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
 
   def restore(self) -> None:
@@ -197,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if tracker is not None:
           tracker.update(done, val, state)
       stop_early = tracker is not None and tracker.should_stop(done)
-      preempted = preemption.should_stop()
+      preempted = preemption.should_stop(done, cfg.log_every_steps)
       s.checkpointer.save(done, state, data_iter,
                           force=done == s.num_steps or preempted or stop_early)
       reporter.step()
