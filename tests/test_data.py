@@ -288,3 +288,14 @@ def test_loader_batches_are_the_same_with_worker_processes_and_after_restore(tmp
   n = len(loader.open_split(data.record_source("train"), data.schema.history_length))
   seen = np.concatenate([b["item_index"] * 1000 + b["user_index"] for b in reference])
   assert len(seen) == 640 and not np.array_equal(seen[:64], seen[n:n + 64])
+
+
+def test_prepare_data_cli(tmp_path):
+  import json
+  from conftest import run_module
+  result = run_module("launch.prepare_data", "--config=tests/tiny_config.py", f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  printed = json.loads(result.stdout.split("prepared:", 1)[1])
+  assert printed["users"] == 300 and printed["items"] == 200
+  assert sum(printed["split_sizes"].values()) == 9000
+  assert os.path.isfile(os.path.join(printed["path"], "schema.json"))
