@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import os
 import re
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -261,7 +261,3 @@ def interaction_logs(cfg) -> RawData:
       items=per_entity(item_ids, "item", item_declared),
       features=features,
   )
-
-
-def feature_names(raw: RawData, side: Side) -> Sequence[str]:
-  return [f.name for f in raw.features if f.side == side]
