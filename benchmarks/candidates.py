@@ -20,7 +20,6 @@ both the history feature and the exclusion list, so exclusions really remove top
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -39,7 +38,9 @@ from configs.base import get_base_config
 from pipelines.schema import Feature, Schema
 from two_tower import candidates
 from two_tower import embeddings as emb_lib
-from two_tower import index
+from two_tower import index as index_lib
+from two_tower.index_store import EMBEDDINGS_DIR, IndexStore, LoadedIndex, open_live
+from two_tower.search import exact_top_k
 from two_tower.model import TwoTower
 from two_tower.reporting import Reporter
 
@@ -105,16 +106,16 @@ def planted_model(num_users: int, num_items: int, seed: int = 0):
   return graphdef, params, catalog, (train_users, train_items)
 
 
-def candidate_recall(output: str, embedder: emb_lib.Embedder, loaded: index.LoadedIndex,
+def candidate_recall(output: str, embedder: emb_lib.Embedder, params, loaded: LoadedIndex,
                      exclusions: candidates.Exclusions, k: int, num_users: int = 500) -> float:
   """Share of the exact top-k (training items excluded) that the written candidates hold, over
   the first `num_users` users (brute force with jax.lax.top_k)."""
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   table = pq.read_table(os.path.join(output, candidates.shard_name(0)), columns=["user_id", "item_id"])
   users = np.arange(num_users)
-  queries = embedder.embed("query", users)
+  queries = embedder.embed(params, "query", users)
   fetch = k + int(exclusions.counts[users].max())
-  _, rows = index.exact_top_k(queries, loaded.item_embeddings, fetch)
+  _, rows = exact_top_k(queries, loaded.item_embeddings, fetch)
   rows, _, _ = candidates.select(rows, np.zeros(rows.shape, np.float32),
                                  exclusions.mask(users, rows), k)
   got_user = table.column("user_id").to_numpy()
@@ -156,46 +157,26 @@ def run(args: argparse.Namespace, scratch: str) -> None:
       args.num_users, args.num_items)
   mesh = Mesh(np.asarray(jax.devices()).reshape(-1, 1), ("data", "model"))
   catalog = jax.device_put(host_catalog)
-  embedder = emb_lib.Embedder(graphdef, params, catalog, mesh, scfg.batch_size)
-  item_embedder = emb_lib.Embedder(graphdef, params, catalog, mesh, icfg.embed_batch_size)
+  embedder = emb_lib.Embedder(graphdef, catalog, mesh, scfg.batch_size)
+  item_embedder = emb_lib.Embedder(graphdef, catalog, mesh, icfg.embed_batch_size)
   times["model_and_data"] = time.perf_counter() - start
 
   # ---- setup: what launch.build_index does
   start = time.perf_counter()
-  version_dir = os.path.join(scratch, "index", "v000001")
-  emb_dir = os.path.join(version_dir, index.EMBEDDINGS_DIR)
-  emb_lib.write_embeddings(emb_dir, "item", item_embedder, np.arange(args.num_items),
-                           np.arange(args.num_items), step=0)
+  store = IndexStore(os.path.join(scratch, "index"))
+  version = store.new_version()
+  emb_lib.write_embeddings(os.path.join(store.path(version), EMBEDDINGS_DIR), "item", item_embedder,
+                           params, np.arange(args.num_items), np.arange(args.num_items), step=0)
   times["item_embeddings"] = time.perf_counter() - start
-  _, items, _ = emb_lib.read_embeddings(emb_dir, "item")
-  items = np.ascontiguousarray(items)
-  settings, auto = index.choose_settings(args.num_items, icfg)
+  manifest = index_lib.build_version(
+      store, version, item_ids=np.arange(args.num_items), num_users=args.num_users,
+      embed_queries=lambda rows: embedder.embed(params, "query", rows), cfg=icfg, step=0,
+      data_path="planted", embed_seconds=times["item_embeddings"])
+  times["index_build"] = manifest["build_seconds"]["train"]
+  times["calibration_and_validation"] = manifest["build_seconds"]["validate"]
+  settings, validation = manifest["settings"], manifest["validation"]
   start = time.perf_counter()
-  searcher = index.build_searcher(items, settings)
-  times["index_build"] = time.perf_counter() - start
-  start = time.perf_counter()
-  sample = np.random.default_rng(0).permutation(args.num_users)
-  cal_q = embedder.embed("query", sample[:icfg.calibration_queries])
-  val_q = embedder.embed("query", sample[icfg.calibration_queries:][:icfg.validation_queries])
-  floors = {"recall@10": float(icfg.min_recall_at_10), "recall@100": float(icfg.min_recall_at_100)}
-  settings, _ = index.calibrate(searcher, settings, auto, cal_q, items,
-                                index.exact_top_k(cal_q, items, index.GATE_K)[0], floors)
-  validation = index.measure(searcher, settings, val_q, items,
-                             index.exact_top_k(val_q, items, index.GATE_K)[0])
-  times["calibration_and_validation"] = time.perf_counter() - start
-  os.makedirs(os.path.join(version_dir, index.SCANN_DIR))
-  searcher.serialize(os.path.join(version_dir, index.SCANN_DIR), relative_path=True)
-  files = {name: {"bytes": os.path.getsize(os.path.join(version_dir, name)),
-                  "sha256": index.sha256_file(os.path.join(version_dir, name))}
-           for name in index.list_files(version_dir)}
-  manifest = {"format": index.FORMAT, "version": "v000001", "model_step": 0,
-              "num_items": args.num_items, "dim": OUT_DIM, "files": files,
-              "settings": dataclasses.asdict(settings)}
-  with open(os.path.join(version_dir, index.MANIFEST), "w") as f:
-    json.dump(manifest, f)
-  del searcher, items
-  start = time.perf_counter()
-  loaded = index.open_version(version_dir)
+  loaded = open_live(store.root)
   times["index_load_and_verify"] = time.perf_counter() - start
   rss_setup = peak_rss_gib()
 
@@ -204,7 +185,7 @@ def run(args: argparse.Namespace, scratch: str) -> None:
                                                 args.num_items)
   users = np.arange(args.num_users, dtype=np.int64)
   overfetch = candidates.default_overfetch(exclusions, users, scfg.overfetch)
-  generator = candidates.Generator(loaded, lambda rows: embedder.stream("query", rows), exclusions,
+  generator = candidates.Generator(loaded, lambda rows: embedder.stream(params, "query", rows), exclusions,
                                    args.top_k, overfetch)
   output = os.path.join(scratch, "candidates")
   os.makedirs(output, exist_ok=True)
@@ -223,7 +204,7 @@ def run(args: argparse.Namespace, scratch: str) -> None:
   seconds = time.perf_counter() - start
   rows = sum(candidates.shard_metadata(os.path.join(output, candidates.shard_name(i)))["num_rows"]
              for i in shards)
-  quality = candidate_recall(output, embedder, loaded, exclusions, args.top_k)
+  quality = candidate_recall(output, embedder, params, loaded, exclusions, args.top_k)
   out = {
       "users": args.num_users, "items": args.num_items, "top_k": args.top_k,
       "training_interactions": int(len(train_users)),
@@ -232,7 +213,7 @@ def run(args: argparse.Namespace, scratch: str) -> None:
       "users_searched_exactly": generator.exact_fallbacks,
       "rows_written": int(rows),
       "candidate_recall_vs_exact": round(quality, 4),
-      "index_settings": dataclasses.asdict(settings),
+      "index_settings": settings,
       "index_validation": {k: round(v, 4) for k, v in validation.items()},
       "setup_seconds": {k: round(v, 2) for k, v in times.items()},
       "end_to_end_seconds": round(seconds, 2),

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from configs.base import get_base_config
-from two_tower import index
+from two_tower import calibration, search
 
 
 class LatentSpace:
@@ -94,9 +94,9 @@ def main() -> None:
   cal_q, queries = queries[:n_cal], queries[n_cal:]
   rss_data = peak_rss_gib()
 
-  settings, auto = index.choose_settings(args.num_items, cfg)
+  settings, auto = search.choose_settings(args.num_items, cfg)
   start = time.perf_counter()
-  searcher = index.build_searcher(items, settings, args.threads)
+  searcher = search.build_searcher(items, settings, args.threads)
   build_s = time.perf_counter() - start
   rss_build = peak_rss_gib()
   print(f"built {settings.mode} over {args.num_items} x {args.dim} in {build_s:.1f}s "
@@ -104,27 +104,27 @@ def main() -> None:
 
   start = time.perf_counter()
   floors = {"recall@10": float(cfg.min_recall_at_10), "recall@100": float(cfg.min_recall_at_100)}
-  cal_exact, _ = index.exact_top_k(cal_q, items, index.GATE_K)
-  settings, trials = index.calibrate(searcher, settings, auto, cal_q, items, cal_exact, floors)
+  cal_exact, _ = search.exact_top_k(cal_q, items, search.GATE_K)
+  settings, trials = calibration.calibrate(searcher, settings, auto, cal_q, items, cal_exact, floors)
   calibrate_s = time.perf_counter() - start
   for t in trials:
     print("  calibration " + ", ".join(f"{k}={v:.4g}" for k, v in t.items()), flush=True)
 
   # Exact brute force in the same run: jax.lax.top_k over all items, k=10, timed after compiling.
   exact_q = queries[:args.exact_queries]
-  index.exact_top_k(exact_q[:8], items, 10)
+  search.exact_top_k(exact_q[:8], items, 10)
   start = time.perf_counter()
-  index.exact_top_k(exact_q, items, 10)
+  search.exact_top_k(exact_q, items, 10)
   exact_qps = len(exact_q) / (time.perf_counter() - start)
-  truth, _ = index.exact_top_k(queries[:args.recall_queries], items, index.GATE_K)
+  truth, _ = search.exact_top_k(queries[:args.recall_queries], items, search.GATE_K)
 
   results = {}
   for k in (10, 100):
-    index.search(searcher, settings, queries[:256], k)
+    search.search(searcher, settings, queries[:256], k)
     start = time.perf_counter()
-    rows, _ = index.search(searcher, settings, queries, k)
+    rows, _ = search.search(searcher, settings, queries, k)
     qps = len(queries) / (time.perf_counter() - start)
-    r = index.recall(rows[:args.recall_queries], queries[:args.recall_queries], items, truth, k)
+    r = search.recall(rows[:args.recall_queries], queries[:args.recall_queries], items, truth, k)
     results[k] = (r, qps)
   out = {
       "distribution": args.distribution,

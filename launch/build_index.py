@@ -13,35 +13,33 @@ floors of its validation gate. See docs/serving.md.
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from launch import common
-from two_tower import distributed
-from two_tower import index
+from launch import common, jobs
+from two_tower import index_store
 
 _WORKDIR = common.define_workdir()
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Optional: the work directory's training config with --config.index.* "
-    "overrides (default: DIR/config.json).")
+_CONFIG = common.define_config(
+    None, "Optional: the work directory's training config with --config.index.* overrides "
+    "(default: DIR/config.json).")
 _ROLLBACK = flags.DEFINE_bool("rollback", False, "Make the previous index version live again.")
 
 
 def run(workdir: str, config, rollback: bool) -> None:
+  root = os.path.join(workdir, "index")
   if rollback:
-    common.print_json("rolled back", index.rollback(workdir))
+    common.print_json("rolled back", index_store.rollback(root))
     return
-  manifest = index.build_index(workdir, config)
+  manifest = jobs.build_index(workdir, config)
   manifest = {k: v for k, v in manifest.items() if k not in ("files", "calibration")}
   common.print_json("index", manifest)
-  root = os.path.join(workdir, "index")
   common.print_artifacts({"index": os.path.join(root, manifest["version"]),
-                          "live pointer": os.path.join(root, index.LIVE)})
+                          "live pointer": os.path.join(root, index_store.LIVE)})
 
 
 def main(argv):
   del argv
-  common.run_cli(distributed.initialize)  # jax.distributed, before JAX touches devices
-  common.run_cli(lambda: run(_WORKDIR.value, _CONFIG.value, _ROLLBACK.value))
+  common.start()
+  common.run_cli(lambda: run(_WORKDIR.value, common.loaded_config(_CONFIG), _ROLLBACK.value))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared flags and error handling of the entry points."""
+"""What every entry point shares: flags, start-up (jax.distributed) and error reporting."""
 
 from __future__ import annotations
 
@@ -10,12 +10,25 @@ from typing import Callable
 from absl import flags, logging
 from ml_collections import config_flags
 
-from pipelines.sources import DataError
-from two_tower.checkpoint import CheckpointMismatchError
+from two_tower import config as config_lib
+from two_tower import distributed
+from two_tower.errors import UserError
 from two_tower.train import Preempted
 
-# Errors a user can fix: printed as one clear message, without a traceback.
-USER_ERRORS = (DataError, CheckpointMismatchError, FileNotFoundError, ValueError, KeyError)
+_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None,
+    f"HOST:PORT of process 0's coordinator (default: ${distributed.ENV_ADDRESS}, or detected on "
+    "Cloud TPU, SLURM and Kubernetes).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None,
+    f"Number of JAX processes of the job (default: ${distributed.ENV_NUM_PROCESSES}).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None,
+    f"This process's id in [0, num_processes) (default: ${distributed.ENV_PROCESS_ID}).")
+_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", None,
+    f"Seconds to wait for the coordinator and the other processes (default: "
+    f"${distributed.ENV_TIMEOUT} or {distributed.DEFAULT_TIMEOUT_S}).")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -30,6 +43,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _config_error(e: Exception) -> None:
+  # ml_collections reports a bad override as one of these, with an escaped message.
   text = str(e.args[0] if e.args else e)
   text = re.sub(r"\s+", " ", text.replace("\\n", " ").replace("\\", "").replace("'", "")).strip()
   what = "unknown config key" if isinstance(e, (AttributeError, KeyError)) else "bad config value"
@@ -39,16 +53,36 @@ def _config_error(e: Exception) -> None:
   sys.exit(2)
 
 
-def define_config(default: str = "configs/synthetic.py") -> flags.FlagHolder:
+def define_config(default: str | None = "configs/synthetic.py",
+                  help_text: str = "ml_collections config file.") -> flags.FlagHolder:
   """--config=FILE plus --config.a.b=value overrides (checked here: the default config file's
   overrides are applied as soon as the flag is defined)."""
   try:
-    return config_flags.DEFINE_config_file("config", default, "ml_collections config file.")
+    return config_flags.DEFINE_config_file("config", default, help_text)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     _config_error(e)
 
 
-def run_cli(main: Callable[[], None]) -> None:
+def define_workdir() -> flags.FlagHolder:
+  return flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, outputs).",
+                             required=True)
+
+
+def start() -> None:
+  """Starts jax.distributed when the flags, env vars or the cluster say so: before anything touches
+  JAX devices."""
+  run_cli(lambda: distributed.initialize(_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                         timeout_s=_TIMEOUT.value))
+
+
+def loaded_config(holder: flags.FlagHolder):
+  """The config of a --config flag, validated (None when the flag was not given)."""
+  return None if holder.value is None else config_lib.validate(holder.value)
+
+
+def run_cli(main: Callable[[], object]) -> None:
+  """Runs `main`; a UserError is printed as one line (exit 2), a preemption exits 143. Any other
+  exception is a bug and keeps its traceback."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and absl are chatty at INFO
   try:
@@ -56,9 +90,8 @@ def run_cli(main: Callable[[], None]) -> None:
   except Preempted as e:
     print(f"preempted: {e}", file=sys.stderr)
     sys.exit(143)  # 128 + SIGTERM, so schedulers treat it as a retryable stop
-  except USER_ERRORS as e:
-    message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"error: {message}", file=sys.stderr)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -70,8 +103,3 @@ def print_artifacts(paths: dict[str, str]) -> None:
   print("artifacts:")
   for name, path in paths.items():
     print(f"  {name:14s} {path}")
-
-
-def define_workdir() -> flags.FlagHolder:
-  return flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, outputs).",
-                             required=True)

@@ -1,13 +1,12 @@
-"""Evaluates the latest checkpoint of a work directory: python -m launch.evaluate --workdir=DIR
+"""Evaluates the model of a work directory: python -m launch.evaluate --workdir=DIR [--split=S]
 
-Writes DIR/eval/metrics.json (recall, ndcg, mrr, hit_rate and accuracy at 10/50/100, coverage@100).
+The model is the best checkpoint by validation metric when there is one, else the latest. Writes
+DIR/eval/metrics.json (recall, ndcg, mrr, hit_rate and accuracy at 10/50/100, coverage@100).
 """
 
 from absl import app, flags
 
-from launch import common
-from two_tower import distributed
-from two_tower.evaluation import evaluate_workdir
+from launch import common, jobs
 
 _WORKDIR = common.define_workdir()
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval.split).")
@@ -15,9 +14,8 @@ _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the con
 
 def main(argv):
   del argv
-  common.run_cli(distributed.initialize)  # jax.distributed, before JAX touches devices
-  common.run_cli(lambda: common.print_json(
-      "metrics", evaluate_workdir(_WORKDIR.value, _SPLIT.value)))
+  common.start()
+  common.run_cli(lambda: common.print_json("metrics", jobs.evaluate(_WORKDIR.value, _SPLIT.value)))
 
 
 if __name__ == "__main__":

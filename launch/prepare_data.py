@@ -3,7 +3,7 @@
 from absl import app
 
 from launch import common
-from pipelines.prepare import prepare, resolve_data_dir
+from two_tower.workdir import Workdir
 
 _CONFIG = common.define_config()
 _WORKDIR = common.define_workdir()
@@ -13,7 +13,7 @@ def main(argv):
   del argv
 
   def run():
-    data = prepare(_CONFIG.value.data, resolve_data_dir(_CONFIG.value.data, _WORKDIR.value))
+    data = Workdir(_WORKDIR.value).prepare_data(common.loaded_config(_CONFIG))
     common.print_json("prepared", {"path": data.path, "split_sizes": data.schema.split_sizes,
                                    "users": data.schema.num_users, "items": data.schema.num_items})
   common.run_cli(run)

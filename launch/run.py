@@ -10,11 +10,7 @@ import os
 
 from absl import app
 
-from launch import common
-from two_tower import candidates
-from two_tower import distributed
-from two_tower import index
-from two_tower.evaluation import evaluate_workdir
+from launch import common, jobs
 from two_tower.train import train_and_evaluate
 
 _CONFIG = common.define_config()
@@ -23,7 +19,7 @@ _WORKDIR = common.define_workdir()
 
 def run(config, workdir: str) -> None:
   summary = train_and_evaluate(config, workdir)
-  metrics = evaluate_workdir(workdir)
+  metrics = jobs.evaluate(workdir, config=config)
   common.print_json("train summary", summary)
   common.print_json(f"{config.eval.split} metrics", metrics)
   oracle = os.path.join(workdir, "eval", "oracle_metrics.json")
@@ -32,16 +28,12 @@ def run(config, workdir: str) -> None:
       planted = json.load(f)
     print("vs the planted oracle (synthetic data): " + ", ".join(
         f"{k} {metrics[k]:.4f} / {planted[k]:.4f}" for k in ("recall@10", "ndcg@10", "recall@100")))
-  # A live index of this very checkpoint is reused, so that rerunning the job changes nothing.
-  manifest = index.live_manifest(os.path.join(workdir, "index"))
-  # The index is built from the checkpoint evaluation uses: the best one, when tracked.
-  model_step = (summary["best_validation"] or {}).get("step") or summary["steps"]
-  if manifest is None or manifest["model_step"] != model_step:
-    manifest = index.build_index(workdir, config)
+  # A live index of the model's checkpoint is reused, so that rerunning the job changes nothing.
+  manifest = jobs.live_index_of_model(workdir) or jobs.build_index(workdir, config)
   common.print_json("index", {k: manifest[k] for k in (
       "version", "model_step", "num_items", "settings", "validation")})
   output = os.path.join(workdir, "candidates")
-  scored = candidates.generate_candidates(workdir, output, config=config)
+  scored = jobs.generate_candidates(workdir, output, config=config)
   common.print_json("candidates", scored)
   common.print_artifacts({
       "data": summary["data"],
@@ -56,8 +48,8 @@ def run(config, workdir: str) -> None:
 
 def main(argv):
   del argv
-  common.run_cli(distributed.initialize)  # jax.distributed, before JAX touches devices
-  common.run_cli(lambda: run(_CONFIG.value, _WORKDIR.value))
+  common.start()
+  common.run_cli(lambda: run(common.loaded_config(_CONFIG), _WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -12,25 +12,23 @@ docs/serving.md.
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from launch import common
+from launch import common, jobs
 from two_tower import candidates
-from two_tower import distributed
 
 _WORKDIR = common.define_workdir()
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory for the Parquet shards.",
                               required=True)
 _USER_IDS = flags.DEFINE_string("user_ids", None, "Optional file of user IDs, one per line.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Candidates per user (default: config.score.top_k).")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Optional: the work directory's training config with --config.score.* "
-    "overrides (default: DIR/config.json).")
+_CONFIG = common.define_config(
+    None, "Optional: the work directory's training config with --config.score.* overrides "
+    "(default: DIR/config.json).")
 
 
 def run(workdir: str, output: str, user_ids: str | None, top_k: int | None, config) -> None:
-  success = candidates.generate_candidates(workdir, output, user_ids_file=user_ids, top_k=top_k,
-                                           config=config)
+  success = jobs.generate_candidates(workdir, output, user_ids_file=user_ids, top_k=top_k,
+                                     config=config)
   common.print_json("candidates", success)
   common.print_artifacts({"candidates": os.path.join(output, "part-*.parquet"),
                           "success": os.path.join(output, candidates.SUCCESS)})
@@ -38,9 +36,9 @@ def run(workdir: str, output: str, user_ids: str | None, top_k: int | None, conf
 
 def main(argv):
   del argv
-  common.run_cli(distributed.initialize)  # jax.distributed, before JAX touches devices
+  common.start()
   common.run_cli(lambda: run(_WORKDIR.value, _OUTPUT.value, _USER_IDS.value, _TOP_K.value,
-                             _CONFIG.value))
+                             common.loaded_config(_CONFIG)))
 
 
 if __name__ == "__main__":

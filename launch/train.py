@@ -3,7 +3,6 @@
 from absl import app
 
 from launch import common
-from two_tower import distributed
 from two_tower.train import train_and_evaluate
 
 _CONFIG = common.define_config()
@@ -12,9 +11,9 @@ _WORKDIR = common.define_workdir()
 
 def main(argv):
   del argv
-  common.run_cli(distributed.initialize)  # jax.distributed, before JAX touches devices
+  common.start()
   common.run_cli(lambda: common.print_json(
-      "train summary", train_and_evaluate(_CONFIG.value, _WORKDIR.value)))
+      "train summary", train_and_evaluate(common.loaded_config(_CONFIG), _WORKDIR.value)))
 
 
 if __name__ == "__main__":

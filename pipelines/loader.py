@@ -17,6 +17,9 @@ import numpy as np
 from absl import flags
 from tensorflow_datasets.proto import tf_example_pb2
 
+from pipelines.sources import DataError
+from two_tower.errors import ConfigError
+
 BATCH_KEYS = ("user_index", "item_index", "history", "weight")
 
 
@@ -146,13 +149,14 @@ def train_dataset(
 ) -> grain.IterDataset:
   """Local batches covering `num_examples` shuffled examples (reshuffled every epoch)."""
   if batch_size % process_count:
-    raise ValueError(
+    raise ConfigError(
         f"train.batch_size={batch_size} is not divisible by the {process_count} JAX processes: "
         f"use a multiple of {process_count}"
     )
   n = len(split)
   if n == 0:
-    raise ValueError("the training split is empty: nothing to train on")
+    raise DataError("the training split is empty: nothing to train on (check the split settings "
+                    "and the input data)")
   num_steps = math.ceil(num_examples / batch_size)
   ds = grain.MapDataset.range(num_steps).map(BatchIndices(num_examples, n, batch_size, seed))
   ds = ds.map(ReadBatch(split, batch_size // process_count, process_index))

@@ -35,6 +35,7 @@ from pipelines import sources, splits, synthetic
 from pipelines.schema import PAD, Feature, Schema
 from pipelines.sources import DataError, RawData
 from pipelines.vocab import Vocabulary
+from two_tower.errors import ConfigError
 
 VERSION = "1.0.0"
 # The parts of config.data that change the prepared data (the rest only changes how it is read).
@@ -174,7 +175,7 @@ def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict) -> _Prepared:
   train_user_start = np.repeat(starts, sizes)
   length = cfg.history_length
   if length < 1:
-    raise ValueError("data.history_length must be >= 1")
+    raise ConfigError("data.history_length must be >= 1")
   # Each user's latest `length` training items: the history used to query for that user.
   user_history = np.full((num_users, length), PAD, np.int32)
   ends = starts + sizes

@@ -10,6 +10,8 @@ import dataclasses
 import json
 from typing import Literal
 
+from two_tower.errors import ConfigError
+
 Side = Literal["user", "item"]
 # id: the user or item ID; categorical: one token; multi: a bag of tokens (mean-pooled);
 # numeric: one standardised float; history: the user's recent items (a bag over the item-ID vocab).
@@ -39,7 +41,7 @@ class Schema:
     for f in self.features:
       if f.name == name:
         return f
-    raise KeyError(
+    raise ConfigError(
         f"feature {name!r} is not in this dataset; available: {[f.name for f in self.features]}"
     )
 

@@ -20,9 +20,10 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from pipelines.schema import Kind, Side
+from two_tower.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """Input data that cannot be used, with a message naming the problem and the fix."""
 
 

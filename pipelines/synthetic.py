@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from pipelines.sources import RawData, RawFeature
+from two_tower.errors import ConfigError
 
 _START_TIME = 1_600_000_000  # seconds
 _SPAN = 365 * 24 * 3600
@@ -60,7 +61,7 @@ def generate(cfg) -> tuple[RawData, Planted]:
   rng = np.random.default_rng(cfg.seed)
   num_users, num_items, num_cat = cfg.num_users, cfg.num_items, cfg.num_categories
   if min(num_users, num_items, num_cat, cfg.num_interactions) <= 0:
-    raise ValueError("data.synthetic sizes (users, items, categories, interactions) must be positive")
+    raise ConfigError("data.synthetic sizes (users, items, categories, interactions) must be positive")
   k = cfg.latent_dim
   user_vec = rng.normal(size=(num_users, k)) / np.sqrt(k)
   cat_vec = rng.normal(size=(num_cat, k)) / np.sqrt(k)

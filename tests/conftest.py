@@ -22,7 +22,7 @@ def tiny_config():
   c.train.num_epochs = 4.0
   c.train.log_every_steps = 5
   c.train.checkpoint_every_steps = 10
-  c.train.eval_every_steps = 0
+  c.train.update(eval_every_steps=0, select_by="")  # no periodic validation: no best checkpoint
   c.eval.user_batch_size = 128
   return c
 

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs.base import get_base_config
 from pipelines.schema import Feature, Schema
 from two_tower import sharding
+from two_tower.model import export_tables
 from two_tower.optim import make_optimizer
 from two_tower.state import create_train_state
 from two_tower.train import train_step
@@ -116,7 +117,7 @@ def export_report(state, schema_rows: int) -> dict:
   schema = Schema(features=(Feature("user_id", "user", "id", 1000),
                             Feature("item_id", "item", "id", schema_rows)),
                   num_users=998, num_items=schema_rows - 2, history_length=4, split_sizes={})
-  tables = sharding.export_tables(state.params, schema)
+  tables = dict(export_tables(state.params, schema))
   return {name: dict(shape=list(t.shape), sum=float(np.asarray(t, np.float64).sum()))
           for name, t in tables.items()}
 

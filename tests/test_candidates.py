@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, run_module
-from two_tower import candidates
-from two_tower import index
-from two_tower.experiment import load_workdir_config
-from pipelines.prepare import prepare, resolve_data_dir
+from launch import jobs
+from two_tower import candidates, index_store, search
+from two_tower.index_store import IndexMismatchError
+from two_tower.workdir import Workdir
 
 
 class Crash(BaseException):
@@ -23,7 +23,7 @@ class Crash(BaseException):
 
 
 def _config(workdir, **score_overrides):
-  config = index.serving_config(load_workdir_config(workdir))
+  config = Workdir(workdir).config()
   config.score.update(score_overrides)
   return config
 
@@ -38,7 +38,7 @@ def indexed(trained_workdir, tmp_path_factory):
   """A copy of the trained work directory with a live (exact, brute-force) index."""
   path = str(tmp_path_factory.mktemp("indexed") / "work")
   shutil.copytree(trained_workdir, path, ignore=shutil.ignore_patterns("index", "candidates"))
-  index.build_index(path, index.serving_config(load_workdir_config(path)))
+  jobs.build_index(path)
   return path
 
 
@@ -46,7 +46,7 @@ def indexed(trained_workdir, tmp_path_factory):
 def scored(indexed, tmp_path_factory):
   """Candidates of every user, from one uninterrupted run."""
   output = str(tmp_path_factory.mktemp("scored") / "out")
-  success = candidates.generate_candidates(indexed, output, config=_config(indexed))
+  success = jobs.generate_candidates(indexed, output, config=_config(indexed))
   return output, success
 
 
@@ -77,9 +77,9 @@ def test_overfetch_then_refetch_gives_every_user_k():
       users.append(u)
       hist.append(item)
   exclusions = candidates.Exclusions.from_pairs(np.array(users), np.array(hist), 6, num_items)
-  settings = index.Settings("brute_force")
-  loaded = index.LoadedIndex("memory", {"num_items": num_items, "version": "test"}, settings,
-                             index.build_searcher(items, settings), np.arange(num_items), items)
+  settings = search.Settings("brute_force")
+  loaded = index_store.LoadedIndex("memory", {"num_items": num_items, "version": "test"}, settings,
+                             search.build_searcher(items, settings), np.arange(num_items), items)
   stream = lambda rows: iter([(rows, queries[rows])])  # noqa: E731
   generator = candidates.Generator(loaded, stream, exclusions, k, overfetch=4)
   (_, rows, scores, counts), = list(generator(np.arange(6)))
@@ -94,9 +94,9 @@ def test_int8_brute_force_reports_exact_scores():
   rng = np.random.default_rng(1)
   items = rng.standard_normal((300, 16)).astype(np.float32)
   queries = rng.standard_normal((4, 16)).astype(np.float32)
-  settings = index.Settings("brute_force", int8=True)
-  loaded = index.LoadedIndex("memory", {"num_items": 300, "version": "test"}, settings,
-                             index.build_searcher(items, settings), np.arange(300), items)
+  settings = search.Settings("brute_force", int8=True)
+  loaded = index_store.LoadedIndex("memory", {"num_items": 300, "version": "test"}, settings,
+                             search.build_searcher(items, settings), np.arange(300), items)
   generator = candidates.Generator(loaded, lambda rows: iter([(rows, queries[rows])]),
                                    candidates.Exclusions.none(4, 300), 20, overfetch=0)
   (_, rows, scores, counts), = list(generator(np.arange(4)))
@@ -121,8 +121,9 @@ def test_read_user_ids_reports_unknown_and_duplicates(tmp_path):
 
 def test_candidates_are_the_exact_top_k_without_training_items(indexed, scored):
   output, success = scored
-  config = load_workdir_config(indexed)
-  data = prepare(config.data, resolve_data_dir(config.data, indexed))
+  wd = Workdir(indexed)
+  config = wd.config()
+  data = wd.prepare_data(config)
   num_users, num_items = data.schema.num_users, data.schema.num_items
   table = _read(output)
   assert table.schema.names == ["user_id", "rank", "item_id", "score", "model_step", "index_version"]
@@ -137,7 +138,7 @@ def test_candidates_are_the_exact_top_k_without_training_items(indexed, scored):
   assert success["unknown_user_ids"] == 0
   assert os.path.exists(os.path.join(output, candidates.SUCCESS))
 
-  loaded = index.open_live(os.path.join(indexed, "index"))
+  loaded = index_store.open_live(os.path.join(indexed, "index"))
   assert set(table.column("index_version").to_pylist()) == {loaded.version}
   assert set(table.column("model_step").to_pylist()) == {loaded.manifest["model_step"]}
   df = {name: table.column(name).to_numpy() for name in ("user_id", "rank", "item_id", "score")}
@@ -147,9 +148,8 @@ def test_candidates_are_the_exact_top_k_without_training_items(indexed, scored):
   assert not any((u, i) in trained for u, i in zip(df["user_id"].tolist(), df["item_id"].tolist()))
   # Check a few users against brute force over the index's embeddings and the query tower.
   from two_tower.embeddings import Embedder
-  from two_tower.experiment import load_for_eval
-  s = load_for_eval(index.serving_config(config), indexed, step=loaded.manifest["model_step"])
-  queries = Embedder(s.graphdef, s.state.params, s.catalog, s.mesh, 64).embed("query", np.arange(5))
+  m = Workdir(indexed).load_model(config, step=loaded.manifest["model_step"])
+  queries = Embedder(m.graphdef, m.catalog, m.mesh, 64).embed(m.params, "query", np.arange(5))
   scores = queries @ np.asarray(loaded.item_embeddings).T
   for u in range(5):
     mine = df["user_id"] == user_raw[u]
@@ -170,25 +170,25 @@ def test_resume_after_crash_skips_finished_shards_and_matches(indexed, scored, t
       raise Crash(stage)
 
   with pytest.raises(Crash):
-    candidates.generate_candidates(indexed, output, config=config, hook=crash_after_second)
+    jobs.generate_candidates(indexed, output, config=config, hook=crash_after_second)
   assert sorted(n for n in os.listdir(output) if n.endswith(".parquet")) == [
       "part-00000.parquet", "part-00001.parquet"]
   assert not os.path.exists(os.path.join(output, candidates.SUCCESS))
   first_mtime = os.path.getmtime(os.path.join(output, "part-00000.parquet"))
   stages = []
-  success = candidates.generate_candidates(indexed, output, config=config, hook=stages.append)
+  success = jobs.generate_candidates(indexed, output, config=config, hook=stages.append)
   assert stages == ["shard:2"]  # only the missing shard was written
   assert os.path.getmtime(os.path.join(output, "part-00000.parquet")) == first_mtime
   assert success["shards"] == 3 and success["users"] == scored[1]["users"]
   uninterrupted = str(tmp_path / "uninterrupted")
-  candidates.generate_candidates(indexed, uninterrupted, config=config)
+  jobs.generate_candidates(indexed, uninterrupted, config=config)
   assert _read(output).equals(_read(uninterrupted))  # identical to an uninterrupted run
   resumed, other = _read(output), _read(scored[0])  # and, up to float rounding, to other batchings
   for name in ("user_id", "item_id", "rank"):
     assert resumed.column(name).equals(other.column(name))
   np.testing.assert_allclose(resumed.column("score").to_numpy(), other.column("score").to_numpy(),
                              rtol=1e-5, atol=1e-5)
-  again = candidates.generate_candidates(indexed, output, config=config)
+  again = jobs.generate_candidates(indexed, output, config=config)
   assert again == success  # a finished job is not redone
 
 
@@ -201,14 +201,14 @@ def test_output_of_another_job_is_refused(indexed, scored, tmp_path):
   with open(os.path.join(output, candidates.JOB), "w") as f:
     json.dump(job, f)
   with pytest.raises(candidates.OutputMismatchError, match="model step"):
-    candidates.generate_candidates(indexed, output, config=_config(indexed))
+    jobs.generate_candidates(indexed, output, config=_config(indexed))
   with pytest.raises(candidates.OutputMismatchError, match="top_k"):  # same step, other K
-    candidates.generate_candidates(indexed, scored[0], config=_config(indexed), top_k=5)
+    jobs.generate_candidates(indexed, scored[0], config=_config(indexed), top_k=5)
   foreign = str(tmp_path / "foreign")
   os.makedirs(foreign)
   shutil.copy(os.path.join(scored[0], "part-00000.parquet"), foreign)
   with pytest.raises(candidates.OutputMismatchError, match="without a _job.json"):
-    candidates.generate_candidates(indexed, foreign, config=_config(indexed))
+    jobs.generate_candidates(indexed, foreign, config=_config(indexed))
   assert sorted(os.listdir(foreign)) == ["part-00000.parquet"]  # nothing written
 
 
@@ -216,7 +216,7 @@ def test_user_id_list_with_unknown_ids(indexed, tmp_path):
   ids = tmp_path / "users.txt"
   ids.write_text("3\n1\nghost\n3\n123456789\n")
   output = str(tmp_path / "out")
-  success = candidates.generate_candidates(indexed, output, user_ids_file=str(ids), top_k=7,
+  success = jobs.generate_candidates(indexed, output, user_ids_file=str(ids), top_k=7,
                                            config=_config(indexed))
   assert (success["users"], success["unknown_user_ids"], success["duplicate_user_ids"]) == (2, 2, 1)
   table = _read(output)
@@ -227,30 +227,30 @@ def test_user_id_list_with_unknown_ids(indexed, tmp_path):
 
 def test_bad_input_errors(indexed, trained_workdir, tmp_path):
   with pytest.raises(ValueError, match="larger than the catalog"):
-    candidates.generate_candidates(indexed, str(tmp_path / "a"), top_k=201, config=_config(indexed))
+    jobs.generate_candidates(indexed, str(tmp_path / "a"), top_k=201, config=_config(indexed))
   assert not os.path.exists(tmp_path / "a")
 
   # An index whose manifest names another dimension / a checkpoint that does not exist.
   work = str(tmp_path / "work")
   shutil.copytree(indexed, work)
   root = os.path.join(work, "index")
-  live = index.IndexStore(root).live()
-  manifest_path = os.path.join(root, live, index.MANIFEST)
+  live = index_store.IndexStore(root).live()
+  manifest_path = os.path.join(root, live, index_store.MANIFEST)
   with open(manifest_path) as f:
     manifest = json.load(f)
   with open(manifest_path, "w") as f:
     json.dump({**manifest, "dim": 32}, f)
-  with pytest.raises(index.IndexMismatchError, match="dimension 32 in the index, 64 in the model"):
-    candidates.generate_candidates(work, str(tmp_path / "b"), config=_config(work))
+  with pytest.raises(IndexMismatchError, match="dimension 32 in the index, 64 in the model"):
+    jobs.generate_candidates(work, str(tmp_path / "b"), config=_config(work))
   with open(manifest_path, "w") as f:
     json.dump({**manifest, "model_step": 123456}, f)
-  with pytest.raises(index.IndexMismatchError, match="step 123456"):
-    candidates.generate_candidates(work, str(tmp_path / "b"), config=_config(work))
+  with pytest.raises(IndexMismatchError, match="step 123456"):
+    jobs.generate_candidates(work, str(tmp_path / "b"), config=_config(work))
 
   # No checkpoint at all.
   shutil.rmtree(os.path.join(work, "checkpoints"))
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    candidates.generate_candidates(work, str(tmp_path / "b"), config=_config(work))
+    jobs.generate_candidates(work, str(tmp_path / "b"), config=_config(work))
   assert not os.path.exists(tmp_path / "b")  # nothing written for any of these
 
 
@@ -262,7 +262,7 @@ def test_cli(indexed, tmp_path, capsys):
   assert _read(output).num_rows == 1500
   from launch import common
   with pytest.raises(SystemExit) as exit_info:
-    common.run_cli(lambda: candidates.generate_candidates(indexed, str(tmp_path / "x"), top_k=1000))
+    common.run_cli(lambda: jobs.generate_candidates(indexed, str(tmp_path / "x"), top_k=1000))
   assert exit_info.value.code == 2 and "larger than the catalog" in capsys.readouterr().err
 
 

@@ -11,8 +11,10 @@ import pytest
 
 from configs.base import get_base_config
 from conftest import run_module
-from two_tower import index
-from two_tower.experiment import load_workdir_config
+from launch import jobs
+from two_tower import index, index_store, search
+from two_tower.index_store import IndexIntegrityError, IndexMismatchError
+from two_tower.workdir import Workdir
 
 
 class Crash(BaseException):
@@ -27,7 +29,7 @@ def _crash_at(stage):
 
 
 def _config(workdir, **index_overrides):
-  config = index.serving_config(load_workdir_config(workdir))
+  config = Workdir(workdir).config()
   config.index.update(index_overrides)
   return config
 
@@ -45,30 +47,30 @@ def workdir(trained_workdir, tmp_path):
 
 def test_size_rules():
   cfg = get_base_config().index
-  small, auto = index.choose_settings(20_000, cfg)
+  small, auto = search.choose_settings(20_000, cfg)
   assert small.mode == "brute_force" and auto == ()
-  big, auto = index.choose_settings(1_000_000, cfg)
+  big, auto = search.choose_settings(1_000_000, cfg)
   assert (big.mode, big.num_leaves, big.leaves_to_search, big.reorder_multiplier,
           big.training_sample_size) == ("tree_ah", 1000, 20, 4.0, 100_000)
   assert auto == ("leaves_to_search", "reorder_multiplier")
   assert big.reorder_depth(100) == 400 and big.reorder_depth(10) == 120
-  huge, _ = index.choose_settings(10_000_000, cfg)
+  huge, _ = search.choose_settings(10_000_000, cfg)
   assert (huge.num_leaves, huge.leaves_to_search, huge.training_sample_size) == (3162, 64, 202_368)
   cfg.update(num_leaves=500, leaves_to_search=30, reorder_multiplier=2.5, training_sample_size=7000)
-  fixed, auto = index.choose_settings(1_000_000, cfg)
+  fixed, auto = search.choose_settings(1_000_000, cfg)
   assert (fixed.num_leaves, fixed.leaves_to_search, fixed.reorder_multiplier,
           fixed.training_sample_size) == (500, 30, 2.5, 7000)
   assert auto == ()  # set values are never calibrated
   cfg.num_leaves = 2_000_000
   with pytest.raises(ValueError, match="larger than the catalog"):
-    index.choose_settings(1_000_000, cfg)
+    search.choose_settings(1_000_000, cfg)
 
 
 def test_exact_top_k_blocks_match_numpy():
   rng = np.random.default_rng(0)
   items = rng.standard_normal((1000, 8)).astype(np.float32)
   queries = rng.standard_normal((7, 8)).astype(np.float32)
-  scores, rows = index.exact_top_k(queries, items, 5, item_block=128, max_score_bytes=4 * 128 * 3)
+  scores, rows = search.exact_top_k(queries, items, 5, item_block=128, max_score_bytes=4 * 128 * 3)
   want = np.argsort(-(queries @ items.T), axis=1)[:, :5]
   np.testing.assert_array_equal(rows, want)
   np.testing.assert_allclose(scores, np.take_along_axis(queries @ items.T, want, 1), rtol=1e-5)
@@ -78,10 +80,10 @@ def test_exact_top_k_blocks_match_numpy():
 
 
 def test_build_publishes_a_verified_version_and_detects_damage(workdir):
-  manifest = index.build_index(workdir, _config(workdir))
+  manifest = jobs.build_index(workdir, _config(workdir))
   root = os.path.join(workdir, "index")
-  assert open(os.path.join(root, index.LIVE)).read().strip() == manifest["version"] == "v000001"
-  with open(os.path.join(root, manifest["version"], index.MANIFEST)) as f:
+  assert open(os.path.join(root, index_store.LIVE)).read().strip() == manifest["version"] == "v000001"
+  with open(os.path.join(root, manifest["version"], index_store.MANIFEST)) as f:
     assert json.load(f) == manifest
   assert manifest["settings"]["mode"] == "brute_force"  # 200 items: exact search
   steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
@@ -92,60 +94,60 @@ def test_build_publishes_a_verified_version_and_detects_damage(workdir):
   assert any(name.startswith("scann/") for name in manifest["files"])
   assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
 
-  loaded = index.open_live(root)
+  loaded = index_store.open_live(root)
   queries = np.asarray(loaded.item_embeddings[:3]) * 2
   _, scores = loaded.search(queries, 10)
-  want_scores, _ = index.exact_top_k(queries, loaded.item_embeddings, 10)
+  want_scores, _ = search.exact_top_k(queries, loaded.item_embeddings, 10)
   np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
   ids = np.load(os.path.join(root, "v000001", "embeddings", "item_ids.p00000.npy"))
   assert len(ids) == 200 and ids.dtype.kind in "iu"  # original IDs, stored with the embeddings
 
   ids = loaded.item_ids  # the manifest must match the model it is used with
   loaded.check_model(dim=64, step=manifest["model_step"], item_ids=ids)
-  with pytest.raises(index.IndexMismatchError, match="dimension 64 in the index, 32 in the model"):
+  with pytest.raises(IndexMismatchError, match="dimension 64 in the index, 32 in the model"):
     loaded.check_model(dim=32, step=manifest["model_step"], item_ids=ids)
-  with pytest.raises(index.IndexMismatchError, match="step"):
+  with pytest.raises(IndexMismatchError, match="step"):
     loaded.check_model(dim=64, step=manifest["model_step"] + 1, item_ids=ids)
-  with pytest.raises(index.IndexMismatchError, match="item IDs differ"):
+  with pytest.raises(IndexMismatchError, match="item IDs differ"):
     loaded.check_model(dim=64, step=manifest["model_step"], item_ids=ids[::-1])
 
   dataset = os.path.join(root, manifest["version"], "scann", "dataset.npy")
   original = open(dataset, "rb").read()
   with open(dataset, "wb") as f:  # truncated
     f.write(original[:len(original) // 2])
-  with pytest.raises(index.IndexIntegrityError, match="bytes, the manifest says"):
-    index.open_live(root)
+  with pytest.raises(IndexIntegrityError, match="bytes, the manifest says"):
+    index_store.open_live(root)
   with open(dataset, "wb") as f:  # same size, one bit flipped
     f.write(original[:-1] + bytes([original[-1] ^ 1]))
-  with pytest.raises(index.IndexIntegrityError, match="checksum"):
-    index.open_live(root)
+  with pytest.raises(IndexIntegrityError, match="checksum"):
+    index_store.open_live(root)
   with open(dataset, "wb") as f:
     f.write(original)
-  index.open_live(root)
-  with open(os.path.join(root, manifest["version"], index.MANIFEST), "w") as f:
+  index_store.open_live(root)
+  with open(os.path.join(root, manifest["version"], index_store.MANIFEST), "w") as f:
     f.write('{"format": 1, "files": ')  # torn manifest
-  with pytest.raises(index.IndexIntegrityError, match="corrupt"):
-    index.open_live(root)
+  with pytest.raises(IndexIntegrityError, match="corrupt"):
+    index_store.open_live(root)
 
 
 def test_tree_index_is_calibrated_to_the_floor(workdir):
-  manifest = index.build_index(workdir, _config(workdir, brute_force_max_items=0))
+  manifest = jobs.build_index(workdir, _config(workdir, brute_force_max_items=0))
   settings = manifest["settings"]
   assert settings["mode"] == "tree_ah" and settings["num_leaves"] == 14  # round(sqrt(200))
   assert manifest["validation"]["recall@100"] >= 0.95
   assert manifest["calibration"], "the automatic search settings were calibrated"
-  assert index.open_live(os.path.join(workdir, "index")).settings.mode == "tree_ah"
+  assert index_store.open_live(os.path.join(workdir, "index")).settings.mode == "tree_ah"
 
 
 def test_refused_and_crashed_builds_keep_the_old_version_live(workdir, capsys):
   """The validation gate and crashes at every publishing stage; then keep-last-N and rollback."""
   from launch import common
-  store = index.IndexStore(os.path.join(workdir, "index"))
-  first = index.build_index(workdir, _config(workdir))["version"]
+  store = index_store.IndexStore(os.path.join(workdir, "index"))
+  first = jobs.build_index(workdir, _config(workdir))["version"]
 
   # Below the recall floor: a one-line error, exit code 2, nothing published or left behind.
   with pytest.raises(SystemExit) as exit_info:
-    common.run_cli(lambda: index.build_index(workdir, _config(
+    common.run_cli(lambda: jobs.build_index(workdir, _config(
         workdir, brute_force_max_items=0, num_leaves=14, leaves_to_search=1, reorder_multiplier=1.0)))
   assert exit_info.value.code == 2
   assert "failed validation" in capsys.readouterr().err
@@ -153,16 +155,16 @@ def test_refused_and_crashed_builds_keep_the_old_version_live(workdir, capsys):
 
   # A crash after the embeddings or the searcher were written: an incomplete version, not live.
   with pytest.raises(Crash):
-    index.build_index(workdir, _config(workdir), hook=_crash_at("serialized"))
+    jobs.build_index(workdir, _config(workdir), hook=_crash_at("serialized"))
   assert store.live() == first and store.incomplete() == ["v000002"]
   # A crash between the manifest and the LIVE pointer: complete, but not live.
   with pytest.raises(Crash):
-    index.build_index(workdir, _config(workdir), hook=_crash_at("manifest"))
+    jobs.build_index(workdir, _config(workdir), hook=_crash_at("manifest"))
   assert store.live() == first and store.versions() == [first, "v000003"]
   assert store.incomplete() == []  # a new build removes a crashed build's leftovers
-  assert index.open_live(store.root).version == first  # the old version still loads and verifies
+  assert index_store.open_live(store.root).version == first  # the old version still loads and verifies
 
-  latest = index.build_index(workdir, _config(workdir, keep_versions=2))["version"]
+  latest = jobs.build_index(workdir, _config(workdir, keep_versions=2))["version"]
   assert latest == "v000004" and store.live() == latest
   assert store.versions() == ["v000003", latest]  # keep_versions=2
 
@@ -170,7 +172,7 @@ def test_refused_and_crashed_builds_keep_the_old_version_live(workdir, capsys):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert store.live() == "v000003"
   with pytest.raises(ValueError, match="nothing to roll back"):
-    index.rollback(workdir)
+    index_store.rollback(os.path.join(workdir, "index"))
   assert store.live() == "v000003"
 
 
@@ -180,4 +182,36 @@ def test_cli_without_checkpoint(workdir, tmp_path):
   shutil.copy(os.path.join(workdir, "config.json"), empty / "config.json")
   proc = run_module("launch.build_index", f"--workdir={empty}")
   assert proc.returncode == 2 and "no checkpoint" in proc.stderr, proc.stderr[-2000:]
-  assert not os.path.exists(empty / "index" / index.LIVE)
+  assert not os.path.exists(empty / "index" / index_store.LIVE)
+
+
+def test_gate_measures_the_recall_of_an_approximate_index(workdir):
+  """An index that misses neighbours: the recall the gate records equals an independent count."""
+  config = _config(workdir, brute_force_max_items=0, num_leaves=14, leaves_to_search=2,
+                   reorder_multiplier=1.0, calibrate=False, min_recall_at_100=0.0)
+  manifest = jobs.build_index(workdir, config)
+  gate = manifest["validation"]
+  assert manifest["settings"]["mode"] == "tree_ah" and 0.05 < gate["recall@10"] < 0.95
+
+  from two_tower.calibration import sample_users
+  from two_tower.embeddings import Embedder
+  model = Workdir(workdir).load_model(config)
+  cfg = config.index
+  _, users = sample_users(model.schema.num_users, cfg.calibration_queries, cfg.validation_queries,
+                          cfg.seed)
+  queries = Embedder(model.graphdef, model.catalog, model.mesh, 64).embed(model.params, "query", users)
+  loaded = index_store.open_live(os.path.join(workdir, "index"))
+  items = np.asarray(loaded.item_embeddings)
+  scores = queries.astype(np.float64) @ items.T.astype(np.float64)
+  tenth = np.sort(scores, axis=1)[:, -10]
+  found, _ = loaded.search(queries, 10)
+  # A hit is an item scoring at least the 10th best (items tied with it are equally right).
+  hits = np.take_along_axis(scores, found, 1) >= tenth[:, None] - 1e-5 * np.maximum(1, abs(tenth[:, None]))
+  assert gate["num_queries"] == len(users)
+  assert gate["recall@10"] == pytest.approx(hits.mean(), abs=1e-3)
+
+  # The same settings under a floor they miss by far: refused, with both numbers named.
+  config.index.min_recall_at_10 = 0.97
+  with pytest.raises(index.IndexValidationError, match=r"recall@10 0\.\d+ < 0\.97"):
+    jobs.build_index(workdir, config)
+  assert index_store.IndexStore(os.path.join(workdir, "index")).live() == manifest["version"]

@@ -27,8 +27,8 @@ from conftest import ROOT, run_module, tiny_config
 from launch.cluster import local
 from two_tower import distributed
 from two_tower.checkpoint import Checkpointer
-from two_tower.experiment import setup
-from two_tower.sharding import param_name
+from two_tower.train import setup_training
+from two_tower.trees import path_name
 
 STEPS = 4
 PARAMS_TOL = dict(rtol=1e-4, atol=5e-5)  # a step moves parameters by ~lr = 3e-3
@@ -128,9 +128,7 @@ def single_device_state(root, data_dir, reference):
   config = tiny_config()
   config.data.data_dir = data_dir
   config.train.num_steps = STEPS
-  s = setup(config, str(root / "reference"))
-  s.checkpointer.close()
-  return s.state
+  return setup_training(config, str(root / "reference")).state
 
 
 def test_2_processes_x_2_devices_match_1_device(root, data_dir, reference, single_device_state):
@@ -208,16 +206,16 @@ def test_unreachable_coordinator_times_out_naming_the_address(tmp_path):
 
 def test_incomplete_multiprocess_settings():
   with pytest.raises(ValueError, match="missing the coordinator address and the process id"):
-    distributed.resolve(env={"JAX_NUM_PROCESSES": "2"}, detect=False)
+    distributed.resolve(env={"JAX_NUM_PROCESSES": "2"})
   with pytest.raises(ValueError, match="process id 2 is not in"):
-    distributed.resolve("h:1", 2, 2, env={}, detect=False)
+    distributed.resolve("h:1", 2, 2, env={})
   with pytest.raises(ValueError, match="not HOST:PORT"):
-    distributed.resolve("h", 2, 1, env={}, detect=False)
+    distributed.resolve("h", 2, 1, env={})
   settings = distributed.resolve(env={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
-                                      "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}, detect=False)
+                                      "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"})
   assert (settings.coordinator_address, settings.num_processes, settings.process_id) == (
       "10.0.0.1:1234", 4, 3)
-  assert distributed.resolve(env={}, detect=False).num_processes == 1
+  assert distributed.resolve(env={}) is None  # nothing given: JAX's cluster detection decides
 
 
 def test_coordinator_port_in_use_is_named():
@@ -241,13 +239,13 @@ def test_config_hash_covers_config_and_workdir():
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
-  return {param_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _restore(workdir, step: int, target):
   """The checkpoint of `workdir` at `step`, restored onto `target`'s shardings."""
   checkpointer = Checkpointer(str(workdir / "checkpoints"), max_to_keep=10, save_interval_steps=1)
   try:
-    return checkpointer.restore(step, target)
+    return checkpointer.restore_train_state(step, target)
   finally:
     checkpointer.close()

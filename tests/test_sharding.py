@@ -46,6 +46,10 @@ def test_axis_rules_are_one_table():
   assert sharding.AXIS_RULES == sharding.axis_rules()
   with pytest.raises(ValueError, match="shard_tables_over must be one of"):
     sharding.axis_rules(mesh_cfg(shard_tables_over="rows"))
+  # Batches are placed through the same table as parameters, by logical name.
+  assert sharding.logical_spec("batch") == P("data")
+  assert sharding.logical_spec("vocab", "embed", cfg=mesh_cfg(shard_tables_over="all")) == P(
+      ("data", "model"), None)
 
 
 @pytest.mark.parametrize("data,model,want", [

@@ -12,14 +12,15 @@ import pytest
 
 from conftest import run_module, tiny_config
 from two_tower.checkpoint import CheckpointMismatchError
-from two_tower.evaluation import Evaluator, evaluate_workdir
-from two_tower.experiment import load_for_eval
+from launch import jobs
+from two_tower.evaluation import Evaluator
 from two_tower.train import train_and_evaluate
+from two_tower.workdir import Workdir
 
 
 def final_params(config, workdir):
-  s = load_for_eval(config, workdir)
-  return jax.tree.map(np.asarray, s.state.params), s
+  model = Workdir(workdir).load_model(config)
+  return jax.tree.map(np.asarray, model.params), model
 
 
 def assert_trees_equal(a, b):
@@ -42,7 +43,7 @@ def test_training_writes_summary_checkpoints_and_tensorboard(trained_workdir):
 def test_evaluate_writes_every_metric(trained_workdir, tmp_path):
   workdir = str(tmp_path / "w")
   shutil.copytree(trained_workdir, workdir)
-  metrics = evaluate_workdir(workdir)
+  metrics = jobs.evaluate(workdir)
   on_disk = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
   assert on_disk == pytest.approx(metrics)
   for k in (10, 50, 100):
@@ -55,8 +56,9 @@ def test_evaluate_writes_every_metric(trained_workdir, tmp_path):
 def test_training_recovers_the_planted_preferences(trained_workdir):
   config = tiny_config()
   _, s = final_params(config, trained_workdir)
-  evaluator = Evaluator(s.data, s.catalog, "test", (10,), user_batch=128)
-  model = evaluator(s.graphdef, s.state.params)
+  evaluator = Evaluator(s.data, s.catalog, "test", (10,), user_batch=128, graphdef=s.graphdef,
+                        mesh=s.mesh)
+  model = evaluator(s.params)
   planted = s.data.planted()
   oracle = evaluator.evaluate_scores(lambda users: planted.scores(users))
   popularity = s.data.table("item", "sampling_prob")
@@ -133,8 +135,7 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
   assert summary["best_checkpoint"].endswith(f"checkpoints_best/{best['step']}")
   # Stopped two validations after the best one, long before 30 epochs.
   assert summary["steps"] == best["step"] + 20 < 30 * 29
-  s = load_for_eval(config, workdir)
-  assert int(s.state.step) == best["step"]  # evaluation uses the best state
+  assert Workdir(workdir).load_model(config).step == best["step"]  # evaluation uses the best state
   # A rerun sees the finished early stop and trains no further.
   assert train_and_evaluate(config, workdir)["steps"] == summary["steps"]
 

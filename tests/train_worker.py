@@ -28,6 +28,7 @@ from tensorboardX.proto import event_pb2  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from two_tower import distributed, sharding  # noqa: E402
 from two_tower.train import train_and_evaluate  # noqa: E402
+from two_tower.trees import path_name  # noqa: E402
 
 
 def read_scalars(logdir: str, tag: str) -> dict[int, float]:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
   params_by_step: dict[int, dict[str, np.ndarray]] = {}
 
   def flat(tree) -> dict[str, np.ndarray]:
-    return {sharding.param_name(p): sharding.to_host(x)
+    return {path_name(p): sharding.to_host(x)
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
   last_state = {}
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
   summary = train_and_evaluate(config, args.workdir, hooks=[hook])
   state = last_state["state"]
   leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
-  memory = {sharding.param_name(p): sharding.per_device_bytes(x) for p, x in leaves}
+  memory = {path_name(p): sharding.per_device_bytes(x) for p, x in leaves}
   opt = flat(state.opt_state)
   if jax.process_index() != 0:
     return
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
   losses = read_scalars(os.path.join(args.workdir, "tensorboard"), "train/loss")
   meta = dict(summary=summary, losses=losses, per_device_bytes=memory,
               process_count=jax.process_count(), device_count=jax.device_count(),
-              specs={sharding.param_name(p): str(x.sharding.spec) for p, x in leaves})
+              specs={path_name(p): str(x.sharding.spec) for p, x in leaves})
   np.savez(args.out, meta=np.asarray(json.dumps(meta)), **arrays)
 
 

@@ -34,21 +34,17 @@ import glob
 import json
 import os
 import re
-import time
 from typing import Callable, Iterator
 
 import jax
-import ml_collections
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from flax import nnx
-from jax.experimental import multihost_utils
 
-from two_tower import embeddings as emb_lib
-from two_tower import index as index_lib
-from two_tower.experiment import bind_workdir, load_for_eval, load_workdir_config, prepare_data
-from two_tower.reporting import Reporter, write_json_atomic
+from two_tower import atomic
+from two_tower.errors import MissingArtifactError, UserError
+from two_tower.index_store import LoadedIndex
+from two_tower.search import exact_top_k
 
 JOB = "_job.json"
 SUCCESS = "_SUCCESS"
@@ -59,7 +55,7 @@ _SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 Hook = Callable[[str], None]
 
 
-class OutputMismatchError(ValueError):
+class OutputMismatchError(UserError):
   """An output directory that holds results of another job."""
 
 
@@ -102,7 +98,8 @@ def _lookup(raw_ids: np.ndarray, wanted: list[str]) -> tuple[np.ndarray, np.ndar
 def read_user_ids(path: str, raw_ids: np.ndarray) -> UserList:
   """The users listed in `path` (one ID per line; blank lines and # comments skipped)."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"--user_ids file {path} does not exist")
+    raise MissingArtifactError(f"--user_ids file {path} does not exist: pass an existing file of "
+                               "user IDs, one per line")
   with open(path) as f:
     wanted = [line.strip() for line in f]
   wanted = [w for w in wanted if w and not w.startswith("#")]
@@ -179,7 +176,7 @@ def rescore(queries: np.ndarray, items: np.ndarray, rows: np.ndarray) -> tuple[n
 class Generator:
   """Top-K candidates for batches of users: query embeddings -> index search -> exclusion."""
 
-  def __init__(self, index: index_lib.LoadedIndex, query_stream: Callable[[np.ndarray], Iterator],
+  def __init__(self, index: LoadedIndex, query_stream: Callable[[np.ndarray], Iterator],
                exclusions: Exclusions, top_k: int, overfetch: int):
     self.index = index
     self.query_stream = query_stream
@@ -208,7 +205,7 @@ class Generator:
         if still.any():  # the approximate search returned too few: search these users exactly
           self.exact_fallbacks += int(still.sum())
           lost = group[still]
-          es, er = index_lib.exact_top_k(queries[lost], self.index.item_embeddings, int(fetch))
+          es, er = exact_top_k(queries[lost], self.index.item_embeddings, int(fetch))
           r2, s2, c2 = select(er, es, self.exclusions.mask(users[lost], er), k)
           r[still], s[still], c[still] = r2, s2, c2
         rows[group], scores[group], counts[group] = r, s, c
@@ -264,19 +261,21 @@ def shard_table(user_ids: np.ndarray, item_ids: np.ndarray, rows: np.ndarray, sc
   return table
 
 
+def temp_tag() -> str:
+  """The tag of this process's temporary shard files (see `remove_stale_temps`)."""
+  return f"-p{jax.process_index()}"
+
+
 def write_shard(path: str, table: pa.Table) -> None:
-  """Writes to a temporary name in the same directory and renames: a shard that exists is whole."""
-  tmp = os.path.join(os.path.dirname(path),
-                     f".{os.path.basename(path)}.tmp-p{jax.process_index()}-{os.getpid()}")
-  try:
+  """Writes atomically: a shard that exists is whole."""
+  with atomic.atomic_path(path, tag=temp_tag()) as tmp:
     pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+
+
+def remove_stale_temps(output: str) -> None:
+  """Deletes the temporary shards a crashed run of this process left (other processes' are theirs)."""
+  for stale in glob.glob(os.path.join(output, f".part-*.tmp{temp_tag()}-*")):
+    os.unlink(stale)
 
 
 def shard_metadata(path: str) -> dict | None:
@@ -288,7 +287,7 @@ def shard_metadata(path: str) -> dict | None:
     return None
 
 
-def _check_output(output: str, job: dict) -> dict | None:
+def check_output(output: str, job: dict) -> dict | None:
   """Raises OutputMismatchError if `output` holds another job's results; returns its _SUCCESS."""
   job_path = os.path.join(output, JOB)
   if os.path.exists(job_path):
@@ -344,133 +343,10 @@ def write_shards(generator: Generator, output: str, job: dict, shards: dict[int,
   return scored
 
 
-# ----------------------------------------------------------------------------- job
+# ----------------------------------------------------------------------------- summary
 
 
-def _checkpoint_steps(workdir: str) -> list[int]:
-  """Steps of the regular and the best-by-validation checkpoints."""
-  steps = set()
-  for name in ("checkpoints", "checkpoints_best"):
-    directory = os.path.join(workdir, name)
-    if os.path.isdir(directory):
-      steps.update(int(d) for d in os.listdir(directory) if d.isdigit())
-  return sorted(steps)
-
-
-def generate_candidates(workdir: str, output: str, *, user_ids_file: str | None = None,
-                        top_k: int | None = None, config: ml_collections.ConfigDict | None = None,
-                        hook: Hook | None = None) -> dict:
-  """Writes every user's (or the listed users') top-K candidates to `output`; returns _SUCCESS."""
-  hook = hook or (lambda stage: None)
-  start = time.perf_counter()
-  config = index_lib.serving_config(config if config is not None else load_workdir_config(workdir))
-  cfg = config.score
-  top_k = int(top_k or cfg.top_k)
-  if top_k < 1:
-    raise ValueError(f"top-K must be at least 1, got {top_k}")
-  steps = _checkpoint_steps(workdir)
-  if not steps:
-    raise FileNotFoundError(
-        f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first with "
-        f"python -m launch.train --config=... --workdir={workdir}")
-  index = index_lib.open_live(os.path.join(workdir, "index"), num_threads=config.index.num_threads)
-  step = int(index.manifest["model_step"])
-  # The live index and the query tower must come from one checkpoint: score with the index's.
-  if step not in steps:
-    raise index_lib.IndexMismatchError(
-        f"the live index {index.version} was built from checkpoint step {step}, which is no longer "
-        f"in {workdir}/checkpoints (kept: {steps}): rebuild the index with python -m "
-        f"launch.build_index --workdir={workdir}")
-  if cfg.require_latest_checkpoint and step != steps[-1]:
-    raise index_lib.IndexMismatchError(
-        f"the live index {index.version} was built from step {step} but the latest checkpoint is "
-        f"step {steps[-1]} (score.require_latest_checkpoint): rebuild the index")
-  # Everything that can be refused is checked before the model is loaded.
-  bind_workdir(config, workdir)
-  data = prepare_data(config, workdir)
-  schema = data.schema
-  if top_k > schema.num_items:
-    raise ValueError(f"top-K={top_k} is larger than the catalog ({schema.num_items} items): "
-                     "lower --top_k / config.score.top_k")
-  item_ids = np.asarray(data.table("item", "raw_id"))
-  user_raw = np.asarray(data.table("user", "raw_id"))
-  if user_ids_file:
-    users = read_user_ids(user_ids_file, user_raw)
-  else:
-    users = UserList(np.arange(schema.num_users, dtype=np.int64), [], 0)
-  if users.unknown and jax.process_index() == 0:
-    print(f"warning: {len(users.unknown)} user IDs of {user_ids_file} are not in the catalog and "
-          f"are skipped (e.g. {users.unknown[:5]}); listed in {os.path.join(output, UNKNOWN_IDS)}")
-  if cfg.exclude_history:
-    exclusions = Exclusions.from_pairs(*data.pairs("train"), schema.num_users, schema.num_items)
-  else:
-    exclusions = Exclusions.none(schema.num_users, schema.num_items)
-  overfetch = default_overfetch(exclusions, users.rows, cfg.overfetch)
-  per_shard = max(1, int(cfg.users_per_shard))
-  num_shards = -(-len(users.rows) // per_shard)
-  # Everything the shards' contents depend on (batch_size: XLA's float results can differ in the
-  # last bit between batch shapes), so that a resumed job equals an uninterrupted one.
-  job = {"model_step": step, "index_version": index.version, "top_k": top_k,
-         "exclude_history": bool(cfg.exclude_history), "num_users": int(len(users.rows)),
-         "users_sha256": index_lib.ids_digest(users.rows), "users_per_shard": per_shard,
-         "num_shards": num_shards, "overfetch": overfetch, "batch_size": int(cfg.batch_size)}
-  done = _check_output(output, job) if os.path.isdir(output) else None
-  if done is not None:
-    return done
-
-  s = load_for_eval(config, workdir, step=step)
-  dim = nnx.merge(s.graphdef, s.state.params).item_tower.output_dim
-  index.check_model(dim=dim, step=int(s.state.step), item_ids=item_ids)
-
-  os.makedirs(output, exist_ok=True)
-  if jax.process_index() == 0:
-    if not os.path.exists(os.path.join(output, JOB)):
-      write_json_atomic(os.path.join(output, JOB), job)
-    if users.unknown:
-      with open(os.path.join(output, UNKNOWN_IDS), "w") as f:
-        f.write("\n".join(users.unknown) + "\n")
-  for stale in glob.glob(os.path.join(output, f".part-*.tmp-p{jax.process_index()}-*")):
-    os.unlink(stale)  # left by a crashed run of this process
-
-  mine = [i for i in range(num_shards) if i % jax.process_count() == jax.process_index()]
-  shard_users = lambda i: users.rows[i * per_shard:(i + 1) * per_shard]  # noqa: E731
-  pending = [i for i in mine if (shard_metadata(os.path.join(output, shard_name(i))) or {}).get(
-      "job") != job]
-  done_users = sum(len(shard_users(i)) for i in mine if i not in pending)
-  total_users = sum(len(shard_users(i)) for i in mine)
-  params, catalog, mesh = emb_lib.local_view(s.state.params, s.catalog, s.mesh)
-  embedder = emb_lib.Embedder(s.graphdef, params, catalog, mesh, cfg.batch_size)
-  generator = Generator(index, lambda rows: embedder.stream("query", rows), exclusions, top_k,
-                        overfetch)
-  reporter = Reporter(os.path.join(workdir, "tensorboard", "score"), total_steps=total_users,
-                      initial_step=done_users, desc="score", unit="user")
-  if pending and len(pending) < len(mine):
-    reporter.write(f"resuming: {len(mine) - len(pending)} of {len(mine)} shards already written")
-  run_start = time.perf_counter()
-  try:
-    scored = write_shards(generator, output, job, {i: shard_users(i) for i in pending},
-                          user_raw=user_raw, item_ids=item_ids, on_users=reporter.step, hook=hook)
-    seconds = time.perf_counter() - run_start
-    if scored:
-      reporter.scalars(step, {"users_per_s": scored / max(seconds, 1e-9)}, "score/")
-  finally:
-    reporter.close()
-
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"two_tower:candidates:{output}")
-  success = None
-  if jax.process_index() == 0:
-    success = _write_success(output, job, num_shards, users, overfetch, time.perf_counter() - start,
-                             scored / max(seconds, 1e-9) if scored else None)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"two_tower:candidates_done:{output}")
-  if success is None:
-    with open(os.path.join(output, SUCCESS)) as f:
-      success = json.load(f)
-  return success
-
-
-def _write_success(output: str, job: dict, num_shards: int, users: UserList, overfetch: int,
+def write_success(output: str, job: dict, num_shards: int, users: UserList, overfetch: int,
                    seconds: float, users_per_s: float | None) -> dict:
   totals = dict.fromkeys(("users", "rows", "users_with_fewer_than_k", "users_searched_again",
                           "users_searched_exactly"), 0)
@@ -497,5 +373,5 @@ def _write_success(output: str, job: dict, num_shards: int, users: UserList, ove
       "users_per_s": users_per_s,
       "output": os.path.abspath(output),
   }
-  write_json_atomic(os.path.join(output, SUCCESS), success)
+  atomic.write_json(os.path.join(output, SUCCESS), success)
   return success

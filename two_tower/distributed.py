@@ -3,13 +3,13 @@
 Every entry point calls `initialize()` before anything touches JAX devices. The coordinator address,
 process count and process id come from, first match wins:
 
-  1. flags    --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+  1. arguments (the entry points' --coordinator_address, --num_processes, --process_id flags)
   2. env vars JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (launch/cluster/ sets them)
   3. JAX's own cluster detection: Cloud TPU VMs and GKE TPU pods, SLURM (`srun`), Open MPI, and
      Kubernetes Jobs (with the `kubernetes` package and pod-read RBAC)
   4. none of these: one process, and jax.distributed is not started.
 
-Then `assert_same_config` (called by experiment.setup) checks that all processes run the same
+Then `assert_same_config` (called when a work directory is bound) checks that all processes run the same
 config and work directory: processes that disagree would otherwise hang in a collective or train
 silently different models.
 """
@@ -24,12 +24,14 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
-from absl import flags
+
+from two_tower import config as config_lib
+from two_tower.errors import UserError
 
 ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"  # also read by jax.distributed itself
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -37,25 +39,11 @@ ENV_PROCESS_ID = "JAX_PROCESS_ID"
 ENV_TIMEOUT = "JAX_DISTRIBUTED_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
 
-_ADDRESS = flags.DEFINE_string(
-    "coordinator_address", None,
-    f"HOST:PORT of process 0's coordinator (default: ${ENV_ADDRESS}, or detected on Cloud TPU, "
-    "SLURM and Kubernetes).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, f"Number of JAX processes of the job (default: ${ENV_NUM_PROCESSES}).")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, f"This process's id in [0, num_processes) (default: ${ENV_PROCESS_ID}).")
-_TIMEOUT = flags.DEFINE_integer(
-    "distributed_timeout", None,
-    f"Seconds to wait for the coordinator and the other processes (default: ${ENV_TIMEOUT} or "
-    f"{DEFAULT_TIMEOUT_S}).")
+class CoordinatorUnreachableError(TimeoutError, UserError):
+  """The coordinator did not answer in time."""
 
 
-class CoordinatorUnreachableError(TimeoutError, ValueError):
-  """The coordinator did not answer in time. A ValueError too, so the CLIs print it as one line."""
-
-
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError):
   """Processes of one job run different configs."""
 
 
@@ -68,10 +56,6 @@ class Settings:
   source: str  # flags | env | the detected cluster's name | single
 
 
-def _flag(holder: flags.FlagHolder):
-  return holder.value if flags.FLAGS.is_parsed() else None
-
-
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
   value = env.get(name)
   if value in (None, ""):
@@ -79,56 +63,31 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
   try:
     return int(value)
   except ValueError:
-    raise ValueError(f"${name}={value!r} is not an integer") from None
-
-
-def _detect(timeout_s: int) -> Settings | None:
-  """JAX's own cluster detection (TPU, SLURM, Open MPI, Kubernetes), without connecting."""
-  try:
-    from jax._src import clusters  # pylint: disable=g-import-not-at-top
-    env = next((e for e in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
-                if not e.opt_in_only_method and e.is_env_present()), None)
-    if env is None:
-      return None
-    # $JAX_LOCAL_DEVICE_IDS (e.g. all GPUs of a node for one process per node under SLURM) wins
-    # over the detected one-device-per-process default.
-    local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
-    local = [int(i) for i in local.split(",")] if local else None
-    address, count, pid, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-        None, None, None, local, None, timeout_s)
-  except (ImportError, AttributeError, TypeError) as e:  # a JAX without this (private) API
-    logging.warning("JAX cluster detection unavailable (%s); pass --coordinator_address, "
-                    "--num_processes and --process_id", e)
-    return None
-  if address is None or count is None or pid is None:
-    return None
-  return Settings(address, int(count), int(pid), local, env.__name__)
+    raise UserError(f"${name}={value!r} is not an integer") from None
 
 
 def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
-            process_id: int | None = None, *, env: Mapping[str, str] | None = None,
-            detect: bool = True, timeout_s: int = DEFAULT_TIMEOUT_S) -> Settings:
-  """Where this process sits in the job: arguments, else flags, else env vars, else detection."""
+            process_id: int | None = None, *, env: Mapping[str, str] | None = None
+            ) -> Settings | None:
+  """Where this process sits in the job, from the arguments, else the env vars; None when neither
+  says anything (then JAX's own cluster detection decides)."""
   env = os.environ if env is None else env
-  address = coordinator_address or _flag(_ADDRESS) or env.get(ENV_ADDRESS) or None
-  count = num_processes if num_processes is not None else _flag(_NUM_PROCESSES)
-  count = count if count is not None else _env_int(env, ENV_NUM_PROCESSES)
-  pid = process_id if process_id is not None else _flag(_PROCESS_ID)
-  pid = pid if pid is not None else _env_int(env, ENV_PROCESS_ID)
+  address = coordinator_address or env.get(ENV_ADDRESS) or None
+  count = num_processes if num_processes is not None else _env_int(env, ENV_NUM_PROCESSES)
+  pid = process_id if process_id is not None else _env_int(env, ENV_PROCESS_ID)
   given = {"coordinator address": address, "process count": count, "process id": pid}
   if all(v is None for v in given.values()):
-    detected = _detect(timeout_s) if detect else None
-    return detected or Settings(None, 1, 0, None, "single")
+    return None
   if count == 1 and pid in (None, 0):
     return Settings(address, 1, 0, None, "flags/env")
   missing = [k for k, v in given.items() if v is None]
   if missing:
-    raise ValueError(
+    raise UserError(
         f"incomplete multi-process settings: missing the {' and the '.join(missing)}. Give all "
         f"three: --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or "
         f"${ENV_ADDRESS}, ${ENV_NUM_PROCESSES}, ${ENV_PROCESS_ID})")
   if count < 1 or not 0 <= pid < count:
-    raise ValueError(f"process id {pid} is not in [0, {count}): ids run from 0 to num_processes - 1")
+    raise UserError(f"process id {pid} is not in [0, {count}): ids run from 0 to num_processes - 1")
   _split_address(address)
   return Settings(address, count, pid, None, "flags/env")
 
@@ -136,7 +95,7 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
 def _split_address(address: str) -> tuple[str, int]:
   host, _, port = address.rpartition(":")
   if not host or not port.isdigit():
-    raise ValueError(f"coordinator address {address!r} is not HOST:PORT, e.g. 10.0.0.1:1234")
+    raise UserError(f"coordinator address {address!r} is not HOST:PORT, e.g. 10.0.0.1:1234")
   return host.strip("[]"), int(port)
 
 
@@ -174,7 +133,7 @@ def check_port_free(address: str) -> None:
     try:
       s.bind(("", port))
     except OSError as e:
-      raise ValueError(
+      raise UserError(
           f"process 0 cannot start the JAX coordinator on port {port} ({e}): another program (or a "
           f"previous run of this job) holds it. Pick another port in --coordinator_address.") from None
 
@@ -185,8 +144,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if jax.distributed.is_initialized():
     return Settings(None, jax.process_count(), jax.process_index(), None, "already initialized")
   if timeout_s is None:
-    timeout_s = _flag(_TIMEOUT) or _env_int(os.environ, ENV_TIMEOUT) or DEFAULT_TIMEOUT_S
-  settings = resolve(coordinator_address, num_processes, process_id, timeout_s=timeout_s)
+    timeout_s = _env_int(os.environ, ENV_TIMEOUT) or DEFAULT_TIMEOUT_S
+  settings = resolve(coordinator_address, num_processes, process_id)
+  if settings is None:
+    return _initialize_detected(timeout_s)
   if settings.num_processes == 1:
     return settings
   # CPU processes exchange collectives over gloo (TCP); GPU and TPU backends ignore this setting.
@@ -208,6 +169,29 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       initialization_timeout=max(1, int(timeout_s - (time.monotonic() - start))))
   return settings
 
+def _initialize_detected(timeout_s: int) -> Settings:
+  """jax.distributed on a cluster JAX detects by itself, or nothing when it detects none."""
+  # $JAX_LOCAL_DEVICE_IDS (e.g. all GPUs of a node for one process per node under SLURM) wins
+  # over the detected one-device-per-process default.
+  local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
+  local = [int(i) for i in local.split(",")] if local else None
+  try:
+    jax.distributed.initialize(local_device_ids=local, initialization_timeout=timeout_s)
+  except ValueError as e:
+    if "coordinator_address" not in str(e):  # JAX's words when it detects no cluster
+      raise
+    return Settings(None, 1, 0, None, "single")
+  except RuntimeError as e:
+    if "must be called before" not in str(e):
+      raise
+    # JAX is already in use in this process (a notebook, a test, a library caller): too late to
+    # join a cluster, so this process runs alone, as it already does.
+    logging.warning("jax.distributed not started: JAX was used before initialize(); running as "
+                    "a single process")
+    return Settings(None, 1, 0, None, "single")
+  return Settings(None, jax.process_count(), jax.process_index(), local, "detected")
+
+
 # ----------------------------------------------------------------------------- config agreement
 
 
@@ -219,15 +203,6 @@ def config_payload(config: ml_collections.ConfigDict, workdir: str | None = None
 
 def config_hash(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
   return hashlib.sha256(config_payload(config, workdir).encode()).hexdigest()
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-  if not isinstance(d, dict):
-    return {prefix.rstrip("."): d}
-  out = {}
-  for k, v in d.items():
-    out.update(_flatten(v, f"{prefix}{k}."))
-  return out
 
 
 def _allgather_bytes(data: bytes) -> list[bytes]:
@@ -255,12 +230,10 @@ def assert_same_config(config: ml_collections.ConfigDict, workdir: str | None = 
   if (digests == digests[0]).all():
     return
   payloads = [json.loads(p) for p in _allgather_bytes(mine.encode())]
-  reference = _flatten(payloads[0])
   lines = []
   for pid, payload in enumerate(payloads[1:], start=1):
-    theirs = _flatten(payload)
-    diffs = [f"{k}: {reference.get(k, '<unset>')!r} on process 0, {theirs.get(k, '<unset>')!r}"
-             for k in sorted(set(reference) | set(theirs)) if reference.get(k) != theirs.get(k)]
+    diffs = config_lib.diff(payloads[0], payload,
+                            describe=lambda k, a, b: f"{k}: {a!r} on process 0, {b!r}")
     lines += [f"process {pid}: {d}" for d in diffs[:10]]
   raise ConfigMismatchError(
       f"the {jax.process_count()} processes of this job do not run the same config:\n  "

@@ -22,13 +22,15 @@ import os
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from two_tower import features as feats
-from two_tower.reporting import write_json_atomic
+from two_tower import atomic, sharding
+from two_tower.errors import MissingArtifactError, UserError
 from two_tower.sharding import DATA, MODEL
 
 SIDES = ("item", "query")
@@ -53,21 +55,23 @@ def local_view(params: Any, catalog: Any, mesh: Mesh) -> tuple[Any, Any, Mesh]:
   if jax.process_count() == 1:
     return params, catalog, mesh
   local = Mesh(np.asarray(jax.local_devices()).reshape(-1, 1), (DATA, MODEL))
-  replicated = NamedSharding(local, P())
+  replicated = sharding.replicated(local)
   params = jax.device_put(multihost_utils.process_allgather(params, tiled=True), replicated)
   host_catalog = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), catalog)
   return params, jax.device_put(host_catalog, replicated), local
 
 
 class Embedder:
-  """Embeds rows of the catalog with one tower, `batch_size` rows per jitted call."""
+  """Embeds rows of the catalog with one tower, `batch_size` rows per jitted call.
 
-  def __init__(self, graphdef: Any, params: Any, catalog: feats.Catalog, mesh: Mesh,
-               batch_size: int = 8192):
+  The jitted function is built once, here; parameters are an argument of every call, so one
+  Embedder serves every checkpoint of a model (periodic validation embeds the catalog each time).
+  """
+
+  def __init__(self, graphdef: Any, catalog: feats.Catalog, mesh: Mesh, batch_size: int = 8192):
     data = mesh.shape[DATA]
     self.batch_size = max(data, -(-batch_size // data) * data)  # divisible by the data axis
-    self._batch_sharding = NamedSharding(mesh, P(DATA))
-    self._params = params
+    self._batch_sharding = sharding.logical_sharding(mesh, "batch")
     self._catalog = catalog
 
     def embed(params, catalog, rows, side):
@@ -78,29 +82,38 @@ class Embedder:
 
     self._embed = jax.jit(embed, static_argnames="side", out_shardings=self._batch_sharding)
 
-  def stream(self, side: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (rows, float32 [len(rows), D] embeddings) batch by batch, in order."""
+  def _batches(self, params: Any, side: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, jax.Array]]:
+    """(rows, device embeddings [batch_size, D]) per batch; the last batch is padded."""
     if side not in SIDES:
       raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     rows = np.asarray(rows, np.int32)
     b = self.batch_size
-    pending = None
     for lo in range(0, len(rows), b):
       chunk = rows[lo:lo + b]
-      # Pad with a real row: every call has the same shape, and the padding is cut off below.
+      # Pad with a real row: every call has the same shape, and the padding is cut off later.
       padded = np.pad(chunk, (0, b - len(chunk)), mode="edge")
-      out = self._embed(self._params, self._catalog,
-                        jax.device_put(padded, self._batch_sharding), side=side)
+      yield chunk, self._embed(params, self._catalog, jax.device_put(padded, self._batch_sharding),
+                               side=side)
+
+  def stream(self, params: Any, side: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (rows, float32 [len(rows), D] embeddings) batch by batch, in order, on the host."""
+    pending = None
+    for chunk, out in self._batches(params, side, rows):
       if pending is not None:  # the next batch is already queued: copy the previous one now
         yield pending[0], np.asarray(pending[1], np.float32)[:len(pending[0])]
       pending = (chunk, out)
     if pending is not None:
       yield pending[0], np.asarray(pending[1], np.float32)[:len(pending[0])]
 
-  def embed(self, side: str, rows: np.ndarray) -> np.ndarray:
-    """All of `rows` at once: for samples that fit in memory."""
-    parts = [e for _, e in self.stream(side, rows)]
+  def embed(self, params: Any, side: str, rows: np.ndarray) -> np.ndarray:
+    """All of `rows` at once, on the host: for samples that fit in memory."""
+    parts = [e for _, e in self.stream(params, side, rows)]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+  def embed_on_device(self, params: Any, side: str, rows: np.ndarray) -> jax.Array:
+    """All of `rows` at once, kept on device (evaluation scores against them there)."""
+    parts = [out for _, out in self._batches(params, side, rows)]
+    return jnp.concatenate(parts)[:len(rows)]
 
 
 def _part(directory: str, side: str, kind: str, process: int) -> str:
@@ -111,8 +124,8 @@ def meta_path(directory: str, side: str) -> str:
   return os.path.join(directory, f"{side}_embeddings.json")
 
 
-def write_embeddings(directory: str, side: str, embedder: Embedder, rows: np.ndarray,
-                     ids: np.ndarray, step: int, on_batch=None) -> list[str]:
+def write_embeddings(directory: str, side: str, embedder: Embedder, params: Any,
+                     rows: np.ndarray, ids: np.ndarray, step: int, on_batch=None) -> list[str]:
   """Embeds this process's block of `rows` into `directory`; returns the files it wrote.
 
   `ids[r]` is the original ID of row r. The embeddings are written into a memory-mapped .npy
@@ -126,7 +139,7 @@ def write_embeddings(directory: str, side: str, embedder: Embedder, rows: np.nda
   emb_path, ids_path = _part(directory, side, "embeddings", p), _part(directory, side, "ids", p)
   out = None
   lo = 0
-  for chunk, emb in embedder.stream(side, block):
+  for chunk, emb in embedder.stream(params, side, block):
     if out is None:
       out = np.lib.format.open_memmap(emb_path, mode="w+", dtype=np.float32,
                                       shape=(len(block), emb.shape[1]))
@@ -147,7 +160,7 @@ def write_embeddings(directory: str, side: str, embedder: Embedder, rows: np.nda
     multihost_utils.sync_global_devices(f"two_tower:embeddings:{side}:{directory}")
   if p == 0:
     count = jax.process_count()
-    write_json_atomic(meta_path(directory, side), {
+    atomic.write_json(meta_path(directory, side), {
         "side": side, "step": int(step), "count": int(len(rows)), "dim": int(dims.max()),
         "dtype": "float32",
         "parts": [[os.path.basename(_part(directory, side, "embeddings", i)),
@@ -164,7 +177,8 @@ def read_embeddings(directory: str, side: str, mmap: bool = True
   """
   path = meta_path(directory, side)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: the {side} embeddings were not (fully) written")
+    raise MissingArtifactError(f"{path} does not exist: the {side} embeddings were not (fully) "
+                               "written: rebuild them")
   with open(path) as f:
     meta = json.load(f)
   embs, ids = [], []
@@ -177,7 +191,7 @@ def read_embeddings(directory: str, side: str, mmap: bool = True
       (0, meta["dim"]), np.float32)
   ids_all = np.concatenate(ids) if ids else np.zeros(0)
   if len(emb) != meta["count"] or len(ids_all) != meta["count"]:
-    raise ValueError(f"the {side} embeddings in {directory} hold {len(emb)} rows and "
+    raise UserError(f"the {side} embeddings in {directory} hold {len(emb)} rows and "
                      f"{len(ids_all)} IDs, their description says {meta['count']}: rewrite them")
   return ids_all, emb, meta
 

@@ -12,18 +12,18 @@ Per user (one query built from the user's features and latest training history):
 from __future__ import annotations
 
 import functools
-import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from pipelines.prepare import PreparedData
 from two_tower import features as feats
-from two_tower.experiment import load_for_eval, load_workdir_config
-from two_tower.reporting import write_json_atomic
+from two_tower.embeddings import Embedder
+from two_tower.errors import UserError
 
 COVERAGE_K = 100
 
@@ -48,20 +48,6 @@ def _padded_lists(owner: np.ndarray, values: np.ndarray, rows: np.ndarray, uniqu
 def _pad_rows(x: np.ndarray, rows: int, fill: int) -> np.ndarray:
   """Pads the first axis to `rows` (fixed shapes: one compilation for every chunk)."""
   return np.pad(x, ((0, rows - len(x)),) + ((0, 0),) * (x.ndim - 1), constant_values=fill)
-
-
-def embed_items(graphdef, params, catalog, num_items: int, batch: int = 8192) -> jax.Array:
-  """[num_items, D] item-tower outputs, computed in fixed-size jitted chunks."""
-  @jax.jit
-  def chunk(params, idx):
-    model = nnx.merge(graphdef, params)
-    return model.embed_items(feats.item_features(catalog, idx))
-  batch = min(batch, num_items)
-  outs = []
-  for lo in range(0, num_items, batch):
-    idx = np.minimum(np.arange(lo, lo + batch), num_items - 1)
-    outs.append(chunk(params, idx))
-  return jnp.concatenate(outs)[:num_items]
 
 
 @functools.partial(jax.jit, static_argnames=("ks", "max_k"))
@@ -97,17 +83,25 @@ def _chunk_metrics(scores, targets, exclude, interactions, valid, *, ks, max_k):
 class Evaluator:
   """Evaluates a model on one split; the targets and masks are computed once."""
 
-  def __init__(self, data: PreparedData, catalog, split: str, ks: Sequence[int], user_batch: int = 512):
+  def __init__(self, data: PreparedData, catalog: feats.Catalog, split: str, ks: Sequence[int],
+               user_batch: int = 512, *, graphdef: Any, mesh: Mesh, item_batch: int = 8192):
     schema = data.schema
     if schema.split_sizes.get(split, 0) == 0:
-      raise ValueError(f"split {split!r} is empty in this dataset: evaluate another split (eval.split)")
+      raise UserError(f"split {split!r} is empty in this dataset: evaluate another split (eval.split)")
     self.ks = tuple(sorted(ks))
     self.max_k = max(max(self.ks), COVERAGE_K)
     if self.max_k > schema.num_items:
-      raise ValueError(f"K={self.max_k} is larger than the catalog ({schema.num_items} items): lower eval.ks")
+      raise UserError(f"K={self.max_k} is larger than the catalog ({schema.num_items} items): lower eval.ks")
     self.num_items = schema.num_items
-    self.catalog = catalog
     self.user_batch = user_batch
+    # Built once: every call (each periodic validation) reuses the compiled functions.
+    self._embedder = Embedder(graphdef, catalog, mesh, item_batch)
+
+    def scores(params, catalog, item_embeddings, users):
+      model = nnx.merge(graphdef, params)
+      return model.embed_queries(feats.query_features(catalog, users)) @ item_embeddings.T
+    self._catalog = catalog
+    self._scores = jax.jit(scores)
     users, items = data.pairs(split)
     self.users = np.unique(users)
     self.targets = _padded_lists(users, items, self.users, unique=True)
@@ -120,16 +114,10 @@ class Evaluator:
         [f"{m}@{k}" for m in ("recall", "ndcg", "mrr", "hit_rate", "accuracy") for k in self.ks]
         + [f"coverage@{COVERAGE_K}"])
 
-  def __call__(self, graphdef, params) -> dict[str, float]:
-    """Metrics of a model: scores are dot products of query and item tower outputs."""
-    item_emb = embed_items(graphdef, params, self.catalog, self.num_items)
-
-    @jax.jit
-    def scores(params, item_emb, users):
-      model = nnx.merge(graphdef, params)
-      return model.embed_queries(feats.query_features(self.catalog, users)) @ item_emb.T
-
-    return self.evaluate_scores(lambda users: scores(params, item_emb, users))
+  def __call__(self, params) -> dict[str, float]:
+    """Metrics of the model's parameters: scores are dot products of the towers' outputs."""
+    items = self._embedder.embed_on_device(params, "item", np.arange(self.num_items))
+    return self.evaluate_scores(lambda users: self._scores(params, self._catalog, items, users))
 
   def evaluate_scores(self, score_fn: Callable[[np.ndarray], jax.Array]) -> dict[str, float]:
     """Metrics of any scorer: `score_fn(user_rows)` -> [len(user_rows), num_items] scores."""
@@ -152,22 +140,3 @@ class Evaluator:
       metrics[name] = total / denom
     metrics[f"coverage@{COVERAGE_K}"] = float((coverage > 0).mean())
     return dict(sorted(metrics.items()))
-
-
-def evaluate_workdir(workdir: str, split: str | None = None) -> dict[str, float]:
-  """Evaluates the checkpoint `load_for_eval` picks; writes eval/metrics.json atomically.
-
-  For synthetic data, the planted oracle's metrics go to eval/oracle_metrics.json, the ceiling
-  the model is measured against."""
-  config = load_workdir_config(workdir)
-  s = load_for_eval(config, workdir)
-  split = split or config.eval.split
-  evaluator = Evaluator(s.data, s.catalog, split, config.eval.ks, config.eval.user_batch_size)
-  metrics = evaluator(s.graphdef, s.state.params)
-  suffix = "" if split == config.eval.split else f"_{split}"
-  write_json_atomic(os.path.join(workdir, "eval", f"metrics{suffix}.json"), metrics)
-  if s.data.has_planted():
-    planted = s.data.planted()
-    write_json_atomic(os.path.join(workdir, "eval", f"oracle_metrics{suffix}.json"),
-                      evaluator.evaluate_scores(planted.scores))
-  return metrics

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from two_tower import sharding
 from two_tower.sharding import DATA
 
 
@@ -130,8 +131,6 @@ def sampled_softmax_loss(
   Returns:
     (loss, metrics): the weighted mean (or sum) of per-example losses.
   """
-  if reduction not in ("mean", "sum"):
-    raise ValueError(f"loss.reduction must be 'mean' or 'sum', got {reduction!r}")
   if log_q is None:
     log_q = jnp.zeros(candidates.shape[:1], jnp.float32)
   log_q = jax.lax.stop_gradient(log_q.astype(jnp.float32))
@@ -147,7 +146,7 @@ def sampled_softmax_loss(
     per_example = lse - (jnp.sum(q * cols[pos], axis=-1) - log_q[pos])
     return jax.lax.psum(jnp.sum(w * per_example), DATA), jax.lax.psum(jnp.sum(w), DATA)
 
-  rows, rep = P(DATA), P()
+  rows, rep = sharding.logical_spec("batch"), P()
   total, weight = jax.shard_map(
       local_loss, mesh=mesh, in_specs=(rows, rep, rows, rows, rep, rows), out_specs=(rep, rep),
   )(queries, candidates, positive, log_count, log_q, weights)

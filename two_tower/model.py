@@ -7,14 +7,17 @@ so their output axis shards over the model axis.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from pipelines.schema import PAD, Feature, Schema
+from two_tower import sharding
+from two_tower.errors import ConfigError
 
 Features = Mapping[str, jax.Array]
 
@@ -100,7 +103,7 @@ def tower_features(schema: Schema, names: Sequence[str], side: str) -> tuple[Fea
   for name in names:
     f = schema.feature(name)
     if f.side != side:
-      raise ValueError(
+      raise ConfigError(
           f"feature {name!r} belongs to the {f.side} side and cannot feed the {side} tower: move it "
           f"to model.{'query' if f.side == 'user' else 'item'}_features")
     features.append(f)
@@ -117,12 +120,12 @@ class TwoTower(nnx.Module):
       # The history bag pools the item tower's own item-ID embeddings: one table, trained by both
       # sides (fewer parameters, and history items live in the space items are scored in).
       if "history" not in cfg.query_features or "item_id" not in cfg.item_features:
-        raise ValueError("model.share_item_embeddings needs 'history' in model.query_features and "
+        raise ConfigError("model.share_item_embeddings needs 'history' in model.query_features and "
                          "'item_id' in model.item_features")
       shared["history"] = self.item_tower.embedding.tables["item_id"]
     self.query_tower = Tower(tower_features(schema, cfg.query_features, "user"), cfg, rngs, shared)
     if self.query_tower.output_dim != self.item_tower.output_dim:
-      raise ValueError(
+      raise ConfigError(
           f"the towers' outputs differ in size ({self.query_tower.output_dim} vs "
           f"{self.item_tower.output_dim}): set model.output_dim > 0, or give both towers the same "
           "embedding sizes")
@@ -133,3 +136,15 @@ class TwoTower(nnx.Module):
 
   def embed_items(self, features: Features) -> jax.Array:
     return self.item_tower(features)
+
+
+def export_tables(params: nnx.State, schema: Schema) -> Iterator[tuple[str, np.ndarray]]:
+  """Unsharded host copies of a TwoTower's embedding tables, one at a time (so host memory holds
+  one table): ("user/<feature>" | "item/<feature>", [vocabulary rows, dim]). The rows added by
+  config.mesh.table_row_multiple are dropped, so row i is vocabulary index i whatever the mesh or
+  padding the model trained with. A shared table appears on both sides."""
+  rows = {f.name: f.vocab_size for f in schema.features}
+  for tower, side in (("query_tower", "user"), ("item_tower", "item")):
+    tables = params[tower]["embedding"]["tables"]
+    for name in sorted(tables.keys()):
+      yield f"{side}/{name}", sharding.to_host(tables[name]["embedding"][...])[:rows[name]]

@@ -1,34 +1,14 @@
-"""Progress bar, TensorBoard event files and atomic JSON outputs (written by process 0 only)."""
+"""Progress bar and TensorBoard event files (written by process 0 only)."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
-
-
-def write_json_atomic(path: str, payload: Any) -> None:
-  """Writes JSON to a temporary file in the same directory, then renames it over `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(payload, f, indent=2, sort_keys=True)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 class Reporter:

@@ -35,6 +35,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pipelines.schema import Schema
+from two_tower.errors import ConfigError
+from two_tower.trees import path_name
 
 DATA, MODEL = "data", "model"
 
@@ -54,7 +56,7 @@ def axis_rules(cfg: ml_collections.ConfigDict | None = None) -> tuple[tuple[str,
   """The logical-axis -> mesh-axes table for config.mesh `cfg` (None: the defaults)."""
   over = mesh_option(cfg, "shard_tables_over")
   if over not in _TABLE_AXES:
-    raise ValueError(f"config.mesh.shard_tables_over must be one of {sorted(_TABLE_AXES)}, got {over!r}")
+    raise ConfigError(f"config.mesh.shard_tables_over must be one of {sorted(_TABLE_AXES)}, got {over!r}")
   return (
       ("batch", DATA),
       ("vocab", _TABLE_AXES[over]),  # embedding-table rows
@@ -72,13 +74,13 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, i
   """(data, model) sizes from config.mesh; -1 takes the remaining devices."""
   data, model = int(mesh_option(cfg, "data")), int(mesh_option(cfg, "model"))
   if data == -1 and model == -1:
-    raise ValueError("config.mesh: at most one of mesh.data and mesh.model can be -1")
+    raise ConfigError("config.mesh: at most one of mesh.data and mesh.model can be -1")
   if data == -1:
     data = num_devices // model if model > 0 and num_devices % model == 0 else 0
   elif model == -1:
     model = num_devices // data if data > 0 and num_devices % data == 0 else 0
   if data < 1 or model < 1 or data * model != num_devices:
-    raise ValueError(
+    raise ConfigError(
         f"config.mesh (data={mesh_option(cfg, 'data')}, model={mesh_option(cfg, 'model')}) does "
         f"not fit the {num_devices} available devices: choose sizes whose product is {num_devices}, "
         f"e.g. --config.mesh.data={num_devices} --config.mesh.model=1, or -1 for one of them")
@@ -106,7 +108,7 @@ def check_process_layout(mesh: Mesh) -> None:
   per_process = mesh.devices.size // num_processes
   expected = np.repeat(np.arange(num_processes), max(1, data // num_processes))[:, None]
   if data % num_processes or not (owner == expected).all():
-    raise ValueError(
+    raise ConfigError(
         f"mesh (data={data}, model={model}) does not split the batch by process: each of the "
         f"{num_processes} processes reads its own slice of the global batch, so mesh.data must be a "
         f"multiple of {num_processes} and mesh.model at most the {per_process} devices of one process "
@@ -114,8 +116,20 @@ def check_process_layout(mesh: Mesh) -> None:
         f"--config.mesh.model={min(model, per_process)}")
 
 
+def logical_spec(*names: str | None, cfg: ml_collections.ConfigDict | None = None) -> P:
+  """The PartitionSpec of an array whose dimensions have these logical names, by `axis_rules`."""
+  rules = dict(axis_rules(cfg))
+  return P(*(None if name is None else rules[name] for name in names))
+
+
+def logical_sharding(mesh: Mesh, *names: str | None,
+                     cfg: ml_collections.ConfigDict | None = None) -> NamedSharding:
+  return NamedSharding(mesh, logical_spec(*names, cfg=cfg))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA))
+  """Arrays whose first dimension is examples of a batch."""
+  return logical_sharding(mesh, "batch")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -125,12 +139,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch(batch_size: int, mesh: Mesh, process_count: int = 1) -> None:
   data = mesh.shape[DATA]
   if batch_size % data:
-    raise ValueError(
+    raise ConfigError(
         f"train.batch_size={batch_size} is not divisible by the {data} data-parallel devices "
         f"(mesh.data): use a multiple of {data}, e.g. --config.train.batch_size="
         f"{max(data, batch_size // data * data)}")
   if batch_size % process_count:
-    raise ValueError(f"train.batch_size={batch_size} is not divisible by {process_count} processes")
+    raise ConfigError(f"train.batch_size={batch_size} is not divisible by {process_count} processes")
 
 # ----------------------------------------------------------------------------- parameters
 
@@ -149,12 +163,6 @@ def padded_schema(schema: Schema, cfg: ml_collections.ConfigDict | None) -> Sche
   features = tuple(dataclasses.replace(f, vocab_size=pad_rows(f.vocab_size, cfg))
                    if f.vocab_size > 0 else f for f in schema.features)
   return dataclasses.replace(schema, features=features)
-
-
-def param_name(path) -> str:
-  """'query_tower/embedding/tables/user_id/embedding' for a pytree path of a parameter."""
-  name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-  return name.removesuffix("/value")  # nnx.Variable's own leaf
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -178,8 +186,8 @@ def _fit(name: str, spec: P, shape: tuple[int, ...], itemsize: int, mesh: Mesh,
         divisors = [d for d in range(2, mesh.size + 1) if shape[dim] % d == 0]
         pad = (f"Pad the embedding tables with --config.mesh.table_row_multiple={shards} (or a "
                "multiple of it; keep it for the life of the work directory), "
-               if "/tables/" in name else "Change the layer's size, ")
-        raise ValueError(
+               if dim == 0 else "Change the layer's size, ")  # only table rows shard dim 0
+        raise ConfigError(
             f"parameter {name} of shape {shape} ({nbytes / 2**20:.1f} MiB) cannot be sharded: its "
             f"dimension {dim} ({shape[dim]}) does not divide the {shards} devices of mesh axes "
             f"{axes}. {pad}choose mesh sizes that divide {shape[dim]} (sizes up to the device "
@@ -201,7 +209,7 @@ def param_shardings(abstract_state, mesh: Mesh, cfg: ml_collections.ConfigDict |
   replicate_bytes = float(mesh_option(cfg, "replicate_uneven_mb")) * 2**20
 
   def fit(path, spec, leaf):
-    spec = _fit(param_name(path), spec, tuple(leaf.shape), np.dtype(leaf.dtype).itemsize, mesh,
+    spec = _fit(path_name(path), spec, tuple(leaf.shape), np.dtype(leaf.dtype).itemsize, mesh,
                 replicate_bytes)
     return NamedSharding(mesh, spec)
   return jax.tree_util.tree_map_with_path(fit, specs, abstract_state,
@@ -246,7 +254,7 @@ def describe(params) -> list[str]:
     if isinstance(x, jax.Array):
       spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else x.sharding
       shard = x.addressable_shards[0].data.shape
-      lines.append(f"{param_name(path):60s} {str(tuple(x.shape)):16s} {str(spec):28s} {tuple(shard)}")
+      lines.append(f"{path_name(path):60s} {str(tuple(x.shape)):16s} {str(spec):28s} {tuple(shard)}")
   return lines
 
 # ----------------------------------------------------------------------------- export
@@ -258,19 +266,3 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def export_tables(params, schema: Schema) -> dict[str, np.ndarray]:
-  """Unsharded copies of the embedding tables: {"user/<feature>" | "item/<feature>": [rows, dim]}.
-
-  One table at a time is gathered to host memory; the rows added by table_row_multiple are
-  dropped, so row i is vocabulary index i whatever the mesh or padding the model trained with.
-  """
-  rows = {f.name: f.vocab_size for f in schema.features}
-  out = {}
-  for tower, side in (("query_tower", "user"), ("item_tower", "item")):
-    tables = params[tower]["embedding"]["tables"]
-    for name in sorted(tables.keys()):
-      out[f"{side}/{name}"] = to_host(tables[name]["embedding"][...])[:rows[name]]
-  return out
-

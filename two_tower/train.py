@@ -3,8 +3,8 @@ around it (data, checkpoints, evaluation, logging)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
 import signal
 import threading
 from typing import Any, Callable, Sequence
@@ -19,15 +19,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pipelines import loader
+from pipelines.prepare import PreparedData
+from two_tower import atomic, sharding
 from two_tower import features as feats
-from two_tower import sharding
-from two_tower.evaluation import Evaluator
 from two_tower.checkpoint import Checkpointer
-from two_tower.experiment import setup
+from two_tower.evaluation import Evaluator
 from two_tower.losses import dedupe_candidates, sampled_softmax_loss
-from two_tower.optim import learning_rate_schedule
-from two_tower.reporting import Reporter, Stopwatch, write_json_atomic
-from two_tower.state import TrainState
+from two_tower.optim import learning_rate_schedule, make_optimizer
+from two_tower.reporting import Reporter, Stopwatch
+from two_tower.state import TrainState, create_train_state
+from two_tower.workdir import Workdir
 
 Hook = Callable[[int, "TrainState"], None]
 
@@ -107,9 +108,9 @@ class PreemptionHandler:
 
 
 class BestTracker:
-  """Keeps the best state by a validation metric, and decides early stopping. Its state lives in
-  the best checkpoint (metrics saved with it), so a resumed run decides exactly as an unbroken one.
-  """
+  """Keeps the best parameters by a validation metric, and decides early stopping. Its state lives
+  in the best checkpoint (metrics saved with it), so a resumed run decides exactly as an unbroken
+  one."""
 
   def __init__(self, best: Checkpointer, metric: str, patience: int, eval_every: int):
     self.best, self.metric, self.patience, self.eval_every = best, metric, patience, eval_every
@@ -119,18 +120,55 @@ class BestTracker:
   def update(self, step: int, metrics: dict[str, float], state: TrainState) -> None:
     if metrics[self.metric] > self.value:
       self.step, self.value = step, metrics[self.metric]
-      self.best.save(step, state, metrics=metrics, force=True)
+      self.best.save(step, state, metrics=metrics, params_only=True, force=True)
 
   def should_stop(self, step: int) -> bool:
     since = (step - (self.step or 0)) // self.eval_every
     return self.patience > 0 and since >= self.patience
 
 
+@dataclasses.dataclass
+class TrainingSetup:
+  """Everything a training run needs, created on the mesh (nothing restored yet)."""
+
+  config: ml_collections.ConfigDict
+  workdir: Workdir
+  mesh: Mesh
+  data: PreparedData
+  graphdef: Any
+  state: TrainState
+  state_sharding: Any
+  catalog: feats.Catalog
+  tx: optax.GradientTransformation
+  num_steps: int
+  num_examples: int
+
+
+def setup_training(config: ml_collections.ConfigDict, workdir: str) -> TrainingSetup:
+  wd = Workdir(workdir)
+  wd.bind(config)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(config.train.batch_size, mesh, jax.process_count())
+  data = wd.prepare_data(config)
+  num_steps, num_examples = loader.train_length(
+      data.schema.split_sizes["train"], config.train.batch_size, config.train.num_epochs,
+      config.train.num_steps)
+  tx = make_optimizer(config.optimizer, num_steps)
+  graphdef, state, state_sh = create_train_state(data.schema, config, tx, mesh)
+  catalog = jax.device_put(
+      feats.load_catalog(data, config.model.query_features, config.model.item_features),
+      sharding.replicated(mesh))
+  return TrainingSetup(config, wd, mesh, data, graphdef, state, state_sh, catalog, tx, num_steps,
+                       num_examples)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        hooks: Sequence[Hook] = ()) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint in `workdir`) and writes train_summary.json."""
-  s = setup(config, workdir)
+  s = setup_training(config, workdir)
   cfg = config.train
+  checkpointer = s.workdir.checkpointer(cfg)
+  best = s.workdir.best_checkpointer() if cfg.select_by else None
   split = loader.open_split(s.data.record_source("train"), s.data.schema.history_length,
                             config.data.cache)
   dataset = loader.train_dataset(
@@ -139,9 +177,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       worker_count=config.data.worker_count, prefetch_buffer_size=config.data.prefetch_buffer_size)
   data_iter = iter(dataset)
   state = s.state
-  resumed_from = s.checkpointer.latest_step()
+  resumed_from = checkpointer.latest_step()
   if resumed_from is not None:
-    state = s.checkpointer.restore(resumed_from, state, data_iter)
+    state = checkpointer.restore_train_state(resumed_from, state, data_iter)
   start = int(state.step)
 
   step_fn = jax.jit(
@@ -152,18 +190,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   )
   validator = tracker = None
   if cfg.eval_every_steps > 0 and s.data.schema.split_sizes.get("validation", 0) > 0:
-    validator = Evaluator(s.data, s.catalog, "validation", config.eval.ks, config.eval.user_batch_size)
-    if cfg.select_by:
-      if cfg.select_by not in validator.metric_names:
-        raise ValueError(f"train.select_by={cfg.select_by!r} is not a validation metric; choose "
-                         f"one of {validator.metric_names}")
-      tracker = BestTracker(s.best, cfg.select_by, cfg.early_stopping_evals, cfg.eval_every_steps)
+    validator = Evaluator(s.data, s.catalog, "validation", config.eval.ks, config.eval.user_batch_size,
+                          graphdef=s.graphdef, mesh=s.mesh)
+    if cfg.select_by:  # a validation metric: checked with the config
+      tracker = BestTracker(best, cfg.select_by, cfg.early_stopping_evals, cfg.eval_every_steps)
   end = start if tracker is not None and tracker.should_stop(start) else s.num_steps
-  reporter = Reporter(os.path.join(workdir, "tensorboard"), total_steps=s.num_steps, initial_step=start)
+  reporter = Reporter(s.workdir.path("tensorboard"), total_steps=s.num_steps, initial_step=start)
   reporter.write(f"training {s.num_steps} steps of {cfg.batch_size} examples on mesh "
                  f"{dict(s.mesh.shape)}; data: {s.data.path}")
   if resumed_from is not None:
-    reporter.write(f"resumed from {s.checkpointer.path(resumed_from)} (data position included)")
+    reporter.write(f"resumed from {checkpointer.path(resumed_from)} (data position included)")
   stopwatch = Stopwatch()
   schedule = learning_rate_schedule(config.optimizer, s.num_steps)
   batch_sharding = sharding.batch_sharding(s.mesh)
@@ -193,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               f"training loss became {final_loss} at step {done}: lower optimizer.learning_rate "
               "or set optimizer.grad_clip_norm")
       if validator is not None and (done % cfg.eval_every_steps == 0 or done == s.num_steps):
-        val = validator(s.graphdef, state.params)
+        val = validator(state.params)
         reporter.scalars(done, val, "validation/")
         reporter.write(f"step {done}: validation " + ", ".join(
             f"{k}={val[k]:.4f}" for k in ("recall@10", "ndcg@10", "accuracy@100") if k in val))
@@ -201,11 +237,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           tracker.update(done, val, state)
       stop_early = tracker is not None and tracker.should_stop(done)
       preempted = preemption.should_stop(done, cfg.log_every_steps)
-      s.checkpointer.save(done, state, data_iter,
+      checkpointer.save(done, state, data_iter,
                           force=done == s.num_steps or preempted or stop_early)
       reporter.step()
       if preempted:
-        raise Preempted(f"stopped by SIGTERM at step {done}; checkpoint {s.checkpointer.path(done)} "
+        raise Preempted(f"stopped by SIGTERM at step {done}; checkpoint {checkpointer.path(done)} "
                         "saved: run the same command again to resume")
       if stop_early:
         reporter.write(f"early stop at step {done}: no better validation {tracker.metric} in "
@@ -214,24 +250,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   finally:
     preemption.restore()
     reporter.close()
-    s.checkpointer.wait()  # let in-flight saves finish, also when stopping on an error
-    if s.best is not None:
-      s.best.wait()
-  last = s.checkpointer.latest_step()
+    checkpointer.wait()  # let in-flight saves finish, also when stopping on an error
+    if best is not None:
+      best.wait()
+  last = checkpointer.latest_step()
   summary = {
       "steps": int(state.step),
       "examples_per_s": stopwatch.examples_per_s(sync=state.step),
       "final_loss": final_loss,
-      "checkpoint": s.checkpointer.path(last) if last is not None else None,
-      "best_checkpoint": s.best.path(tracker.step) if tracker and tracker.step is not None else None,
+      "checkpoint": checkpointer.path(last) if last is not None else None,
+      "best_checkpoint": best.path(tracker.step) if tracker and tracker.step is not None else None,
       "best_validation": {tracker.metric: tracker.value, "step": tracker.step} if tracker else None,
       "batch_size": cfg.batch_size,
       "mesh": dict(s.mesh.shape),
       "data": s.data.path,
   }
   if jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, "train_summary.json"), summary)
-  s.checkpointer.close()
-  if s.best is not None:
-    s.best.close()
+    atomic.write_json(s.workdir.path("train_summary.json"), summary)
+  checkpointer.close()
+  if best is not None:
+    best.close()
   return summary

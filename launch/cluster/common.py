@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -39,6 +40,17 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
                       help="config override, e.g. --set mesh.model=4 (repeatable)")
   parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                       help="print what would run (commands, script or manifest) and do nothing")
+
+
+def env_pairs(items: Sequence[str]) -> list[tuple[str, str]]:
+  """(NAME, VALUE) of each --env NAME=VALUE; NAME must be a valid environment variable name."""
+  pairs = []
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+      raise SystemExit(f"--env {item!r}: expected NAME=VALUE, e.g. --env XLA_FLAGS=--xla_dump_to=/tmp")
+    pairs.append((key, value))
+  return pairs
 
 
 def job_argv(args: argparse.Namespace, python: str = "python3") -> list[str]:

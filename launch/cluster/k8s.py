@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import yaml
 
 from launch.cluster import common
-from launch.cluster.common import Command
+from launch.cluster.common import Command, env_pairs
 
 INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 SHARED_MOUNT = "/mnt/shared"
@@ -44,11 +44,7 @@ def _container(args: argparse.Namespace) -> dict[str, Any]:
       {"name": "JAX_PROCESS_ID", "valueFrom": {"fieldRef": {"fieldPath": INDEX_ANNOTATION}}},
       {"name": "JAX_DISTRIBUTED_TIMEOUT", "value": str(args.timeout)},
   ]
-  for item in args.env:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-      raise SystemExit(f"--env {item!r}: expected NAME=VALUE")
-    env.append({"name": key, "value": value})
+  env += [{"name": key, "value": value} for key, value in env_pairs(args.env)]
   limits: dict[str, Any] = {}
   if args.gpus_per_process:
     limits["nvidia.com/gpu"] = args.gpus_per_process

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import sys
 from typing import Sequence
 
 from launch.cluster import common
-from launch.cluster.common import Command
+from launch.cluster.common import Command, env_pairs
 
 
 def render(args: argparse.Namespace) -> str:
@@ -69,13 +68,7 @@ def render(args: argparse.Namespace) -> str:
 
 
 def _env(args: argparse.Namespace) -> list[tuple[str, str]]:
-  pairs = [("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.mem_fraction))]
-  for item in args.env:
-    key, sep, value = item.partition("=")
-    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-      raise SystemExit(f"--env {item!r}: expected NAME=VALUE")
-    pairs.append((key, value))
-  return pairs
+  return [("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.mem_fraction))] + env_pairs(args.env)
 
 
 def script_path(args: argparse.Namespace) -> str:

@@ -22,7 +22,7 @@ import sys
 from typing import Sequence
 
 from launch.cluster import common
-from launch.cluster.common import Command
+from launch.cluster.common import Command, env_pairs
 
 ACTIONS = ("create", "copy", "start", "logs", "stop", "delete", "up")
 ARCHIVE = "two_tower-src.tar.gz"
@@ -68,7 +68,7 @@ def copy(args: argparse.Namespace) -> list[Command]:
 def start(args: argparse.Namespace) -> list[Command]:
   job = shlex.join(common.job_argv(args, python=args.python))
   log, pid = _remote(args, "job.log"), _remote(args, "job.pid")
-  env = " ".join(f"{k}={shlex.quote(v)}" for k, v in _env_pairs(args.env))
+  env = " ".join(f"{k}={shlex.quote(v)}" for k, v in env_pairs(args.env))
   # setsid + nohup + </dev/null: the job outlives the ssh session that starts it.
   script = (f"cd {_remote(args)} && ({env + ' ' if env else ''}setsid nohup {job} > {log} 2>&1 "
             f"< /dev/null & echo $! > {pid})")
@@ -89,16 +89,6 @@ def stop(args: argparse.Namespace) -> list[Command]:
 
 def delete(args: argparse.Namespace) -> list[Command]:
   return [Command(_gcloud(args, "delete", args.name, "--quiet"), description=f"delete {args.name}")]
-
-
-def _env_pairs(items: Sequence[str]) -> list[tuple[str, str]]:
-  pairs = []
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-      raise SystemExit(f"--env {item!r}: expected NAME=VALUE")
-    pairs.append((key, value))
-  return pairs
 
 
 def _installed(package: str) -> str | None:
