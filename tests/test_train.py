@@ -190,3 +190,34 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
   with pytest.raises(Crash):
     train_and_evaluate(config, str(workdir), hooks=[stop_after_first_step])
   assert seen == [stopped + 1]  # the rerun continues right after the preemption checkpoint
+
+
+def test_logq_without_uniform_negatives_when_the_first_item_is_not_in_training(tmp_path):
+  # Catalog row 0 ("a", the first item ID in sorted order) only occurs after the temporal split's
+  # training cut. Its sampling probability is 0, and it fills the unused candidate slots of every
+  # batch: the logQ-corrected loss must stay finite (it was NaN: -inf - -inf).
+  from configs.base import get_base_config
+  from two_tower.experiment import prepare_data
+  rng = np.random.default_rng(0)
+  n = 1500
+  ts = rng.integers(0, 10**6, n)
+  items = np.array([f"i{i:02d}" for i in rng.integers(0, 40, n)])
+  late = np.flatnonzero(ts > np.quantile(ts, 0.95))[:10]
+  items[late] = "a"
+  path = tmp_path / "log.csv"
+  with open(path, "w") as f:
+    f.write("uid,iid,ts\n")
+    for u, i, t in zip(rng.integers(0, 60, n), items, ts):
+      f.write(f"u{u},{i},{t}\n")
+  config = get_base_config()
+  config.data.update(source="logs", history_length=4)
+  config.data.logs.update(files=(str(path),), user_id="uid", item_id="iid", timestamp="ts")
+  config.data.split.kind = "temporal_global"
+  config.loss.update(logq_correction=True, num_uniform_negatives=0)
+  config.train.update(batch_size=64, num_steps=10, log_every_steps=5)
+  config.eval.ks = (10,)
+  workdir = str(tmp_path / "w")
+  data = prepare_data(config, workdir)
+  assert data.table("item", "raw_id")[0] == "a" and data.table("item", "sampling_prob")[0] == 0
+  summary = train_and_evaluate(config, workdir)
+  assert np.isfinite(summary["final_loss"])
