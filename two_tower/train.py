@@ -177,7 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
                for k in loader.BATCH_KEYS}
       state, metrics = step_fn(state, batch, s.catalog)
-      stopwatch.tick(cfg.batch_size, sync=metrics)
+      # Padding rows of a short last batch are not examples.
+      stopwatch.tick(loader.examples_in_step(step, cfg.batch_size, s.num_examples), sync=metrics)
       for hook in hooks:
         hook(step + 1, state)
       done = step + 1
