@@ -108,6 +108,11 @@ def train_length(split_size: int, batch_size: int, num_epochs: float, num_steps:
   return math.ceil(examples / batch_size), examples
 
 
+def examples_in_step(step: int, batch_size: int, num_examples: int) -> int:
+  """Real examples of global batch `step`: the last batch of a run may be short (then padded)."""
+  return max(0, min(batch_size, num_examples - step * batch_size))
+
+
 class BatchIndices:
   """Global batch number -> example indices: one seeded permutation per epoch, computed with
   numpy for the whole batch (grain's per-element shuffle costs microseconds per example)."""
@@ -127,7 +132,8 @@ class BatchIndices:
     return self._cache[epoch]
 
   def __call__(self, step: int) -> np.ndarray:
-    pos = np.arange(step * self._batch_size, min((step + 1) * self._batch_size, self._total))
+    start = step * self._batch_size
+    pos = np.arange(start, start + examples_in_step(step, self._batch_size, self._total))
     epoch, within = np.divmod(pos, self._n)
     out = np.empty(len(pos), np.int64)
     for e in np.unique(epoch):

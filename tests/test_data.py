@@ -299,3 +299,18 @@ def test_prepare_data_cli(tmp_path):
   assert printed["users"] == 300 and printed["items"] == 200
   assert sum(printed["split_sizes"].values()) == 9000
   assert os.path.isfile(os.path.join(printed["path"], "schema.json"))
+
+
+def test_examples_in_step_counts_the_real_rows_of_a_short_last_batch(tmp_path):
+  # What the training loop counts in examples_per_s: the rows of weight > 0 the loader serves,
+  # not the padded batch size.
+  d = get_base_config().data
+  d.synthetic.update(num_users=60, num_items=50, num_interactions=2000, num_categories=4)
+  data = prepare(d, str(tmp_path / "data"))
+  split = loader.open_split(data.record_source("train"), data.schema.history_length)
+  real = np.zeros(3, int)
+  for process in (0, 1):
+    batches = list(loader.train_dataset(split, batch_size=64, num_examples=150, seed=0,
+                                        process_index=process, process_count=2))
+    real += [int((b["weight"] > 0).sum()) for b in batches]
+  assert real.tolist() == [loader.examples_in_step(s, 64, 150) for s in range(3)] == [64, 64, 22]

@@ -44,14 +44,6 @@ def test_towers_output_normalised_embeddings_scaled_by_temperature():
   np.testing.assert_allclose(jnp.linalg.norm(c, axis=-1), 1.0, rtol=1e-5)
 
 
-def test_padding_does_not_change_a_bag():
-  model = TwoTower(SCHEMA, _cfg(), rngs=nnx.Rngs(0))
-  query, _ = _batch()
-  longer = dict(query, history=jnp.array([[3, 4, 0, 0], [0, 0, 0, 0]]))
-  shuffled = dict(query, history=jnp.array([[0, 4, 0, 3], [0, 0, 0, 0]]))
-  np.testing.assert_allclose(model.embed_queries(longer), model.embed_queries(shuffled), rtol=1e-6)
-
-
 def test_shared_item_embeddings_are_one_table():
   separate = TwoTower(SCHEMA, _cfg(), rngs=nnx.Rngs(0))
   shared = TwoTower(SCHEMA, _cfg(share_item_embeddings=True), rngs=nnx.Rngs(0))
@@ -71,3 +63,17 @@ def test_tables_shard_by_rows_and_kernels_by_output():
     specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
   assert specs["item_tower"]["embedding"]["tables"]["item_id"]["embedding"].get_value() == P("model", None)
   assert specs["query_tower"]["layers"][0]["kernel"].get_value() == P(None, "model")
+
+
+def test_a_bag_is_the_masked_mean_of_its_tokens():
+  model = TwoTower(SCHEMA, _cfg(), rngs=nnx.Rngs(0))
+  query, _ = _batch()
+  # The same two tokens with and without PAD entries (other lengths, other positions), and a
+  # bag of PAD only: the history part of the query features is the mean over real tokens.
+  short = dict(query, history=jnp.array([[3, 4], [0, 0]]))
+  padded = dict(query, history=jnp.array([[0, 3, 0, 0, 4, 0], [0, 0, 0, 0, 0, 0]]))
+  np.testing.assert_allclose(model.embed_queries(short), model.embed_queries(padded), rtol=1e-6)
+  table = np.asarray(model.query_tower.embedding.tables["history"].embedding.get_value())
+  want = np.stack([(table[3] + table[4]) / 2, np.zeros(table.shape[1])])
+  history = model.query_tower.embedding(padded)[:, -table.shape[1]:]  # history is the last feature
+  np.testing.assert_allclose(history, want, rtol=1e-6, atol=1e-7)

@@ -249,3 +249,33 @@ def _restore(workdir, step: int, target):
     return checkpointer.restore_train_state(step, target)
   finally:
     checkpointer.close()
+
+
+def test_sigterm_to_one_of_2_processes_stops_both_at_the_same_step(root, data_dir, reference):
+  """Both processes pause after step 3 (agreement is every step here: log_every_steps=1); only
+  process 1 gets SIGTERM. Both must save step 3 together and exit with 143; the rerun resumes there
+  and ends where an uninterrupted run does."""
+  stop = 3
+  workdir, pause_dir = root / "preempted_2x1", root / "preempted_pause"
+  pause_dir.mkdir()
+  out = str(root / "preempted_2x1.npz")
+  argv = [sys.executable, os.path.join(ROOT, "tests", "train_worker.py"),
+          *worker_args(workdir, data_dir, out, f"--checkpoint_every={STEPS}")]
+  port = local.free_port()
+  results = train_worker.preempt(
+      [(argv + [f"--pause_at={stop}", f"--pause_dir={pause_dir}"],
+        local.process_env(pid, 2, 1, port, timeout_s=120)) for pid in range(2)],
+      str(pause_dir), signalled=1)
+  for pid, (code, output) in enumerate(results):
+    assert code == 143, f"process {pid}:\n{output[-4000:]}"
+    assert f"preempted: stopped by SIGTERM at step {stop};" in output, output[-4000:]
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved[-1] == stop and STEPS not in saved
+  log = io.StringIO()
+  code = local.launch(argv, num_processes=2, cwd=ROOT, out=log, timeout_s=120)
+  assert code == 0, log.getvalue()[-6000:]
+  run = load_run(out)
+  assert sorted(run.params) == list(range(stop + 1, STEPS + 1))  # resumed from the signal's step
+  assert_same_losses(run.losses, reference.losses, range(stop + 1, STEPS + 1))
+  assert_same_params(run.params[STEPS], reference.params[STEPS], f"step {STEPS}")
+  assert_same_params(run.opt_state, reference.opt_state, "optimizer state")

@@ -160,34 +160,71 @@ def test_export_tables_writes_unsharded_tables(trained_workdir, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
-  import signal
-  import subprocess
+  """SIGTERM at a known step (the worker pauses there until signalled): a checkpoint of that
+  step, off the checkpoint schedule, exit code 143; the rerun resumes right after it and ends
+  with exactly the parameters of a run that was never stopped."""
   import sys
-  import time
+  import train_worker
   from conftest import ROOT
-  workdir = tmp_path / "w"
-  args = [sys.executable, "-m", "launch.train", "--config=tests/tiny_config.py",
-          f"--workdir={workdir}", "--config.train.num_epochs=200",
-          "--config.train.checkpoint_every_steps=100000"]
-  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while not glob.glob(str(workdir / "tensorboard" / "events.*")) and time.time() < deadline:
-    time.sleep(0.5)
-  time.sleep(3)  # well into training: the first steps are compiled and running
-  proc.send_signal(signal.SIGTERM)
-  _, stderr = proc.communicate(timeout=300)
-  assert proc.returncode == 143, stderr[-2000:]
-  stopped = int(re.search(r"preempted: stopped by SIGTERM at step (\d+)", stderr).group(1))
-  steps = [int(os.path.basename(p)) for p in glob.glob(str(workdir / "checkpoints" / "*"))
-           if os.path.basename(p).isdigit()]
-  assert max(steps) == stopped < 200 * 29  # saved where it stopped, off the checkpoint schedule
-  seen = []
+  steps, stop = 12, 5
 
-  def stop_after_first_step(step, state):
-    seen.append(step)
-    raise Crash()
-  config = tiny_config()
-  config.train.update(num_epochs=200.0, checkpoint_every_steps=100000)
-  with pytest.raises(Crash):
-    train_and_evaluate(config, str(workdir), hooks=[stop_after_first_step])
-  assert seen == [stopped + 1]  # the rerun continues right after the preemption checkpoint
+  def args(name, *extra):
+    return [f"--workdir={tmp_path / name}", f"--data_dir={tmp_path / 'data'}",
+            f"--out={tmp_path / name}.npz", f"--steps={steps}", *extra]
+  train_worker.main(args("straight"))
+  pause_dir = tmp_path / "pause"
+  pause_dir.mkdir()
+  worker = [sys.executable, os.path.join(ROOT, "tests", "train_worker.py"),
+            *args("resumed", f"--pause_at={stop}", f"--pause_dir={pause_dir}")]
+  [(code, output)] = train_worker.preempt([(worker, dict(os.environ))], str(pause_dir), 0)
+  assert code == 143, output[-3000:]
+  assert f"preempted: stopped by SIGTERM at step {stop};" in output
+  checkpoints = tmp_path / "resumed" / "checkpoints"
+  # Saved at the stop, off the checkpoint schedule (every 12 steps here).
+  assert max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == stop
+  train_worker.main(args("resumed"))
+
+  def saved(name):  # {step: parameters after it} and the final optimizer state, as saved
+    with np.load(tmp_path / f"{name}.npz") as f:
+      arrays = {k: f[k] for k in f.files if k != "meta"}
+    by_step = {}
+    for key, value in arrays.items():
+      if key.startswith("params/"):
+        _, step, param = key.split("/", 2)
+        by_step.setdefault(int(step), {})[param] = value
+    return by_step, {k: v for k, v in arrays.items() if k.startswith("opt_state/")}
+  (straight, straight_opt), (resumed, resumed_opt) = saved("straight"), saved("resumed")
+  assert sorted(resumed) == list(range(stop + 1, steps + 1))  # resumed right after the signal
+  assert_trees_equal(resumed[steps], straight[steps])
+  assert_trees_equal(resumed_opt, straight_opt)
+
+
+def test_logq_without_uniform_negatives_when_the_first_item_is_not_in_training(tmp_path):
+  # Catalog row 0 ("a", the first item ID in sorted order) only occurs after the temporal split's
+  # training cut. Its sampling probability is 0, and it fills the unused candidate slots of every
+  # batch: the logQ-corrected loss must stay finite (it was NaN: -inf - -inf).
+  from configs.base import get_base_config
+  from two_tower.experiment import prepare_data
+  rng = np.random.default_rng(0)
+  n = 1500
+  ts = rng.integers(0, 10**6, n)
+  items = np.array([f"i{i:02d}" for i in rng.integers(0, 40, n)])
+  late = np.flatnonzero(ts > np.quantile(ts, 0.95))[:10]
+  items[late] = "a"
+  path = tmp_path / "log.csv"
+  with open(path, "w") as f:
+    f.write("uid,iid,ts\n")
+    for u, i, t in zip(rng.integers(0, 60, n), items, ts):
+      f.write(f"u{u},{i},{t}\n")
+  config = get_base_config()
+  config.data.update(source="logs", history_length=4)
+  config.data.logs.update(files=(str(path),), user_id="uid", item_id="iid", timestamp="ts")
+  config.data.split.kind = "temporal_global"
+  config.loss.update(logq_correction=True, num_uniform_negatives=0)
+  config.train.update(batch_size=64, num_steps=10, log_every_steps=5)
+  config.eval.ks = (10,)
+  workdir = str(tmp_path / "w")
+  data = prepare_data(config, workdir)
+  assert data.table("item", "raw_id")[0] == "a" and data.table("item", "sampling_prob")[0] == 0
+  summary = train_and_evaluate(config, workdir)
+  assert np.isfinite(summary["final_loss"])

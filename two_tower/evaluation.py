@@ -3,7 +3,9 @@
 Per user (one query built from the user's features and latest training history):
   * recall@K, ndcg@K, mrr@K, hit_rate@K: the usual full-ranking protocol. Items the user had in
     training (and in validation, when evaluating test) are masked; the targets are the user's
-    distinct items in the evaluated split. Averaged over users.
+    distinct items in the evaluated split minus the masked ones (a masked item can never be
+    retrieved, so counting it in recall's denominator or the ideal DCG would cap every model below
+    1). Averaged over the users with at least one target.
   * accuracy@K: TFRS's factorized top-K accuracy. Nothing masked; one hit per evaluated interaction
     whose item is in the user's top K. Averaged over interactions.
   * coverage@100: the share of the catalog that appears in some user's (masked) top 100.
@@ -45,6 +47,14 @@ def _padded_lists(owner: np.ndarray, values: np.ndarray, rows: np.ndarray, uniqu
   return out
 
 
+def _isin_pairs(owner: np.ndarray, values: np.ndarray, other_owner: np.ndarray,
+                other_values: np.ndarray) -> np.ndarray:
+  """Whether each (owner, value) pair is one of the (other_owner, other_values) pairs."""
+  width = int(max(values.max(initial=0), other_values.max(initial=0))) + 1
+  key = lambda o, v: o.astype(np.int64) * width + v
+  return np.isin(key(owner, values), key(other_owner, other_values))
+
+
 def _pad_rows(x: np.ndarray, rows: int, fill: int) -> np.ndarray:
   """Pads the first axis to `rows` (fixed shapes: one compilation for every chunk)."""
   return np.pad(x, ((0, rows - len(x)),) + ((0, 0),) * (x.ndim - 1), constant_values=fill)
@@ -65,6 +75,8 @@ def _chunk_metrics(scores, targets, exclude, interactions, valid, *, ks, max_k):
   inter_rank = jnp.where(top_raw[:, None, :] == interactions[:, :, None], jnp.arange(max_k), max_k)
   inter_rank = inter_rank.min(-1)  # [b, T]: rank of each interaction's item in the unmasked top
   out = {}
+  # Users left without a target (all their items masked) are not averaged: see Evaluator.
+  has_target = num_pos > 0
   for k in ks:
     h = hits[:, :k].sum(-1)
     idcg = jnp.cumsum(discount[:k])[jnp.clip(jnp.minimum(num_pos, k) - 1, 0, k - 1)]
@@ -73,7 +85,8 @@ def _chunk_metrics(scores, targets, exclude, interactions, valid, *, ks, max_k):
     out[f"mrr@{k}"] = jnp.where(first_hit < k, 1.0 / (first_hit + 1.0), 0.0)
     out[f"hit_rate@{k}"] = (h > 0).astype(jnp.float32)
     out[f"accuracy@{k}"] = ((inter_rank < k) & (interactions >= 0)).sum(-1)
-  out = {name: jnp.where(valid, v, 0) for name, v in out.items()}
+  out = {name: jnp.where(valid & (has_target | name.startswith("accuracy@")), v, 0)
+         for name, v in out.items()}
   coverage = jnp.zeros(num_items, jnp.int32).at[
       jnp.where(valid[:, None] & ranked[:, :COVERAGE_K], top_masked[:, :COVERAGE_K], num_items)
   ].add(1, mode="drop")
@@ -83,8 +96,11 @@ def _chunk_metrics(scores, targets, exclude, interactions, valid, *, ks, max_k):
 class Evaluator:
   """Evaluates a model on one split; the targets and masks are computed once."""
 
-  def __init__(self, data: PreparedData, catalog: feats.Catalog, split: str, ks: Sequence[int],
-               user_batch: int = 512, *, graphdef: Any, mesh: Mesh, item_batch: int = 8192):
+  def __init__(self, data: PreparedData, catalog: feats.Catalog | None, split: str,
+               ks: Sequence[int], user_batch: int = 512, *, graphdef: Any = None,
+               mesh: Mesh | None = None, item_batch: int = 8192):
+    """`catalog`, `graphdef` and `mesh` are the model's, for `__call__`; without them the
+    evaluator scores only what `evaluate_scores` is given."""
     schema = data.schema
     if schema.split_sizes.get(split, 0) == 0:
       raise UserError(f"split {split!r} is empty in this dataset: evaluate another split (eval.split)")
@@ -94,21 +110,27 @@ class Evaluator:
       raise UserError(f"K={self.max_k} is larger than the catalog ({schema.num_items} items): lower eval.ks")
     self.num_items = schema.num_items
     self.user_batch = user_batch
-    # Built once: every call (each periodic validation) reuses the compiled functions.
-    self._embedder = Embedder(graphdef, catalog, mesh, item_batch)
-
-    def scores(params, catalog, item_embeddings, users):
-      model = nnx.merge(graphdef, params)
-      return model.embed_queries(feats.query_features(catalog, users)) @ item_embeddings.T
     self._catalog = catalog
-    self._scores = jax.jit(scores)
+    if graphdef is not None:
+      # Built once: every call (each periodic validation) reuses the compiled functions.
+      self._embedder = Embedder(graphdef, catalog, mesh, item_batch)
+
+      def scores(params, catalog, item_embeddings, users):
+        model = nnx.merge(graphdef, params)
+        return model.embed_queries(feats.query_features(catalog, users)) @ item_embeddings.T
+      self._scores = jax.jit(scores)
     users, items = data.pairs(split)
     self.users = np.unique(users)
-    self.targets = _padded_lists(users, items, self.users, unique=True)
-    self.interactions = _padded_lists(users, items, self.users, unique=False)
     masked = ["train"] + (["validation"] if split == "test" else [])
     owners, values = zip(*(data.pairs(s) for s in masked))
-    self.exclude = _padded_lists(np.concatenate(owners), np.concatenate(values), self.users, unique=True)
+    owners, values = np.concatenate(owners), np.concatenate(values)
+    self.exclude = _padded_lists(owners, values, self.users, unique=True)
+    # Targets: the user's distinct items of the split that are not masked. A user may have had an
+    # item in training too (data sampled with replacement): masked, so not a target either.
+    target = ~_isin_pairs(users, items, owners, values)
+    self.targets = _padded_lists(users[target], items[target], self.users, unique=True)
+    self.num_target_users = int((self.targets >= 0).any(1).sum())
+    self.interactions = _padded_lists(users, items, self.users, unique=False)
     self.num_interactions = len(users)
     self.metric_names = sorted(
         [f"{m}@{k}" for m in ("recall", "ndcg", "mrr", "hit_rate", "accuracy") for k in self.ks]
@@ -136,7 +158,7 @@ class Evaluator:
       coverage += np.asarray(cov)
     metrics = {}
     for name, total in sums.items():
-      denom = self.num_interactions if name.startswith("accuracy@") else len(self.users)
-      metrics[name] = total / denom
+      denom = self.num_interactions if name.startswith("accuracy@") else self.num_target_users
+      metrics[name] = total / max(denom, 1)
     metrics[f"coverage@{COVERAGE_K}"] = float((coverage > 0).mean())
     return dict(sorted(metrics.items()))

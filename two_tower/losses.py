@@ -28,15 +28,18 @@ from two_tower.sharding import DATA
 
 
 def dedupe_candidates(item_ids: jax.Array, extra_ids: jax.Array | None, *, num_items: int,
-                      num_shards: int, global_negatives: bool):
+                      num_shards: int, global_negatives: bool, valid: jax.Array | None = None):
   """Distinct candidates of a batch and their multiplicities.
 
   Args:
     item_ids: [B] positive item of every example (rows split evenly over `num_shards` shards).
     extra_ids: [M] extra negatives, shared by every shard, or None.
+    valid: [B] bool, False for padding rows (the loader's weight-0 filler of a short last batch):
+      they are nobody's negatives. None: every row is real.
   Returns:
     (unique_ids [U], positive [B] index of each example's item in unique_ids,
      counts [num_shards, U] how often each candidate occurs among the negatives of each shard).
+    U is static (jit); its unused slots hold item 0 with a count of 0 in every shard.
   """
   all_ids = item_ids if extra_ids is None else jnp.concatenate([item_ids, extra_ids])
   size = min(all_ids.shape[0], num_items)
@@ -44,9 +47,10 @@ def dedupe_candidates(item_ids: jax.Array, extra_ids: jax.Array | None, *, num_i
   inverse = inverse.reshape(-1)
   b = item_ids.shape[0]
   positive = inverse[:b]
+  real = jnp.ones(b, jnp.float32) if valid is None else valid.astype(jnp.float32)
   # Shard s sees its own rows' items (or, with global negatives, every row's) plus the extras.
   shard_of_row = jnp.arange(b) // (b // num_shards)
-  per_shard = jnp.zeros((num_shards, size), jnp.float32).at[shard_of_row, positive].add(1.0)
+  per_shard = jnp.zeros((num_shards, size), jnp.float32).at[shard_of_row, positive].add(real)
   if global_negatives:
     per_shard = jnp.broadcast_to(per_shard.sum(0), per_shard.shape)
   if extra_ids is not None:
@@ -54,8 +58,32 @@ def dedupe_candidates(item_ids: jax.Array, extra_ids: jax.Array | None, *, num_i
   return unique_ids, positive, per_shard
 
 
+def expected_counts(sampling_prob: jax.Array, valid: jax.Array, *, num_shards: int,
+                    global_negatives: bool, num_uniform_negatives: int, num_items: int) -> jax.Array:
+  """Expected count of each candidate among one query's negatives: the logQ correction's Q.
+
+  The in-batch negatives of a query in shard s are the real rows of its shard (of the whole batch
+  with global negatives), each drawn from the training item distribution, plus
+  `num_uniform_negatives` drawn uniformly from the catalog.
+
+  Args:
+    sampling_prob: [U] training frequency of each candidate.
+    valid: [B] bool, False for padding rows (they are not negatives, so they do not count).
+  Returns:
+    [num_shards, U]. It is 0 only for a candidate that cannot be drawn (never in training, no
+    uniform negatives), which the loss then ignores (see `_block_logits`).
+  """
+  rows = valid.reshape(num_shards, -1).sum(1).astype(jnp.float32)
+  if global_negatives:
+    rows = jnp.broadcast_to(rows.sum(), rows.shape)
+  return rows[:, None] * sampling_prob[None, :] + num_uniform_negatives / num_items
+
+
 def _block_logits(q, cols, log_count, log_q, pos, remove_hits):
-  bias = log_count - log_q
+  # A candidate absent from this shard's negatives (count 0: padding slot, padding row, another
+  # shard's item) must weigh exp(-inf) = 0 whatever its log_q, which is itself -inf for an item
+  # never seen in training: -inf - (-inf) would be NaN.
+  bias = jnp.where(log_count > -jnp.inf, log_count - log_q, -jnp.inf)
   if remove_hits:
     # The positive's column stands for all its copies in the batch: keep the positive alone.
     own = pos[:, None] == jnp.arange(cols.shape[0])[None, :]
@@ -87,7 +115,8 @@ def _lse_bwd(num_blocks, remove_hits, residuals, g):
   def block(d_cols, args):
     qb, pb, lb, gb = args
     logits = _block_logits(qb, cols, log_count, log_q, pb, remove_hits)
-    d_logits = jnp.exp(logits - lb[:, None]) * gb[:, None]  # softmax * upstream gradient
+    # softmax * upstream gradient; rows without gradient (padding) may have an infinite lse.
+    d_logits = jnp.where(gb[:, None] != 0, jnp.exp(logits - lb[:, None]) * gb[:, None], 0.0)
     return d_cols + d_logits.T @ qb, d_logits @ cols
 
   d_cols, d_q = jax.lax.scan(
@@ -125,30 +154,35 @@ def sampled_softmax_loss(
     candidates: [U, D] embeddings of the distinct candidates (see `dedupe_candidates`).
     positive: [B] index of each query's positive in `candidates`.
     counts: [S, U] multiplicity of each candidate among the negatives of each of the S data shards.
-    weights: [B] per-example weights (0 for padding).
-    log_q: [U] log sampling probability (expected count) of each candidate, subtracted from its
-      logits (logQ correction), or None.
+    weights: [B] per-example weights; 0 for padding rows, whose loss is not computed (pass the
+      same rows as `valid` to `dedupe_candidates` so that they are not negatives either).
+    log_q: [U] or [S, U] (per data shard, see `expected_counts`) log expected count of each
+      candidate among a query's negatives, subtracted from its logits (logQ correction), or None.
   Returns:
     (loss, metrics): the weighted mean (or sum) of per-example losses.
   """
   if log_q is None:
     log_q = jnp.zeros(candidates.shape[:1], jnp.float32)
-  log_q = jax.lax.stop_gradient(log_q.astype(jnp.float32))
+  log_q = jax.lax.stop_gradient(jnp.broadcast_to(log_q.astype(jnp.float32), counts.shape))
   log_count = jnp.log(counts)  # -inf where a candidate is absent from a shard
 
   def local_loss(q, cols, pos, log_count, log_q, w):
     q = q.astype(jnp.float32)
+    log_q = log_q[0]
     # Each shard scores its rows against the same candidates; as a per-shard (varying) value,
     # their gradient is summed over shards by autodiff.
     cols = jax.lax.pcast(cols.astype(jnp.float32), DATA, to="varying")
     lse = _logsumexp(q, cols, log_count[0], log_q, pos, _num_blocks(q.shape[0], row_chunk),
                      remove_accidental_hits)
     per_example = lse - (jnp.sum(q * cols[pos], axis=-1) - log_q[pos])
+    # A padding row's loss may be infinite (e.g. a shard of padding only has no negatives): keep
+    # it out rather than multiply it by its weight of 0.
+    per_example = jnp.where(w != 0, per_example, 0.0)
     return jax.lax.psum(jnp.sum(w * per_example), DATA), jax.lax.psum(jnp.sum(w), DATA)
 
   rows, rep = sharding.logical_spec("batch"), P()
   total, weight = jax.shard_map(
-      local_loss, mesh=mesh, in_specs=(rows, rep, rows, rows, rep, rows), out_specs=(rep, rep),
+      local_loss, mesh=mesh, in_specs=(rows, rep, rows, rows, rows, rows), out_specs=(rep, rep),
   )(queries, candidates, positive, log_count, log_q, weights)
   loss = total if reduction == "sum" else total / jnp.maximum(weight, 1e-12)
   return loss, {"loss": loss, "examples": weight}

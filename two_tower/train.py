@@ -24,7 +24,7 @@ from two_tower import atomic, sharding
 from two_tower import features as feats
 from two_tower.checkpoint import Checkpointer
 from two_tower.evaluation import Evaluator
-from two_tower.losses import dedupe_candidates, sampled_softmax_loss
+from two_tower.losses import dedupe_candidates, expected_counts, sampled_softmax_loss
 from two_tower.optim import learning_rate_schedule, make_optimizer
 from two_tower.reporting import Reporter, Stopwatch
 from two_tower.state import TrainState, create_train_state
@@ -47,15 +47,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
   if num_negatives > 0:
     key = jax.random.fold_in(jax.random.key(config.seed), state.step)
     negatives = jax.random.randint(key, (num_negatives,), 0, num_items)
+  # Rows of weight 0 are the loader's padding of a short last batch: not negatives, not counted.
+  valid = batch["weight"] > 0
   unique_items, positive, counts = dedupe_candidates(
       batch["item_index"], negatives, num_items=num_items, num_shards=num_shards,
-      global_negatives=loss_cfg.global_negatives)
+      global_negatives=loss_cfg.global_negatives, valid=valid)
   log_q = None
   if loss_cfg.logq_correction:
-    # Expected count of each candidate among a query's negatives: in-batch rows * popularity,
-    # plus its share of the uniform negatives.
-    rows = batch["item_index"].shape[0] // (1 if loss_cfg.global_negatives else num_shards)
-    log_q = jnp.log(rows * sampling_prob[unique_items] + num_negatives / num_items)
+    log_q = jnp.log(expected_counts(
+        sampling_prob[unique_items], valid, num_shards=num_shards,
+        global_negatives=loss_cfg.global_negatives, num_uniform_negatives=num_negatives,
+        num_items=num_items))
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params)
@@ -211,7 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
                for k in loader.BATCH_KEYS}
       state, metrics = step_fn(state, batch, s.catalog)
-      stopwatch.tick(cfg.batch_size, sync=metrics)
+      # Padding rows of a short last batch are not examples.
+      stopwatch.tick(loader.examples_in_step(step, cfg.batch_size, s.num_examples), sync=metrics)
       for hook in hooks:
         hook(step + 1, state)
       done = step + 1
