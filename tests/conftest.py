@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -39,6 +40,14 @@ def trained_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trained"))
   train_and_evaluate(tiny_config(), workdir)
   return workdir
+
+
+@pytest.fixture
+def workdir(trained_workdir, tmp_path):
+  """A private copy of the trained work directory, without index and candidates, to write into."""
+  path = str(tmp_path / "work")
+  shutil.copytree(trained_workdir, path, ignore=shutil.ignore_patterns("index", "candidates"))
+  return path
 
 
 def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 600):

@@ -34,14 +34,6 @@ def _config(workdir, **index_overrides):
   return config
 
 
-@pytest.fixture
-def workdir(trained_workdir, tmp_path):
-  """A private copy of the trained work directory (tests publish into it)."""
-  path = str(tmp_path / "work")
-  shutil.copytree(trained_workdir, path, ignore=shutil.ignore_patterns("index", "candidates"))
-  return path
-
-
 # ----------------------------------------------------------------------------- rules
 
 

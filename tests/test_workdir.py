@@ -23,13 +23,6 @@ from two_tower.evaluation import Evaluator
 from two_tower.workdir import Workdir
 
 
-@pytest.fixture
-def workdir(trained_workdir, tmp_path):
-  path = str(tmp_path / "work")
-  shutil.copytree(trained_workdir, path, ignore=shutil.ignore_patterns("index", "candidates"))
-  return path
-
-
 def test_every_bad_choice_is_refused_at_load_with_the_valid_values():
   config = tiny_config()
   config.optimizer.name = "adm"
