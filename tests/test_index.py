@@ -191,7 +191,9 @@ def test_gate_measures_the_recall_of_an_approximate_index(workdir):
   cfg = config.index
   _, users = sample_users(model.schema.num_users, cfg.calibration_queries, cfg.validation_queries,
                           cfg.seed)
-  queries = Embedder(model.graphdef, model.catalog, model.mesh, 64).embed(model.params, "query", users)
+  # Embedded in batches of the gate's size: the same float bits, so the same near-ties.
+  queries = Embedder(model.graphdef, model.catalog, model.mesh, cfg.embed_batch_size).embed(
+      model.params, "query", users)
   loaded = index_store.open_live(os.path.join(workdir, "index"))
   items = np.asarray(loaded.item_embeddings)
   scores = queries.astype(np.float64) @ items.T.astype(np.float64)

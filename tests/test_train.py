@@ -204,7 +204,6 @@ def test_logq_without_uniform_negatives_when_the_first_item_is_not_in_training(t
   # training cut. Its sampling probability is 0, and it fills the unused candidate slots of every
   # batch: the logQ-corrected loss must stay finite (it was NaN: -inf - -inf).
   from configs.base import get_base_config
-  from two_tower.experiment import prepare_data
   rng = np.random.default_rng(0)
   n = 1500
   ts = rng.integers(0, 10**6, n)
@@ -224,7 +223,7 @@ def test_logq_without_uniform_negatives_when_the_first_item_is_not_in_training(t
   config.train.update(batch_size=64, num_steps=10, log_every_steps=5)
   config.eval.ks = (10,)
   workdir = str(tmp_path / "w")
-  data = prepare_data(config, workdir)
+  data = Workdir(workdir).prepare_data(config)
   assert data.table("item", "raw_id")[0] == "a" and data.table("item", "sampling_prob")[0] == 0
   summary = train_and_evaluate(config, workdir)
   assert np.isfinite(summary["final_loss"])
