@@ -257,8 +257,9 @@ def _split_values(col: pa.ChunkedArray, name: str, path: str) -> np.ndarray:
   bad = np.flatnonzero(out < 0)
   if len(bad):
     raise DataError(
-        f"column {name!r} (data.logs.split_column) of {path} must hold {', '.join(splits.SPLIT_NAMES)}"
-        f" but row {bad[0] + 1} holds {values[bad[0]]!r} ({len(bad)} rows in all): rename those values")
+        f"column {name!r} (data.logs.split_column) of {path} must hold train, validation or test, "
+        f"but row {bad[0] + 1} holds {str(values[bad[0]])!r} ({len(bad)} rows in all): rename those "
+        "values")
   return out
 
 
@@ -274,7 +275,7 @@ def _without_validation_pairs(user_ids: np.ndarray, item_ids: np.ndarray, split:
     first = np.flatnonzero(valid)[np.argmax(missing)]
     raise DataError(
         f"data.logs.validation_from_train is set, but {int(missing.sum())} validation interactions "
-        f"are not in the training files (e.g. user {user_ids[first]!r}, item {item_ids[first]!r}): "
+        f"are not in the training files (e.g. user {str(user_ids[first])!r}, item {str(item_ids[first])!r}): "
         "the validation files are not a carve-out of the training files; unset "
         "data.logs.validation_from_train or fix the files")
   return ~(train & np.isin(pair, pair[valid]))
