@@ -289,7 +289,7 @@ def leaderboard_csv(board: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> 
 
 def plot_leaderboard(board: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str) -> None:
   """One panel per swept key: the validation metric of every trial against that key's value
-  (the best trial in red). Numeric values on a log axis when they span more than 20x."""
+  (the best trial in red). Numeric values on a log axis when they span 10x or more."""
   import matplotlib
   matplotlib.use("Agg")  # files only, no display
   import matplotlib.pyplot as plt
@@ -303,7 +303,7 @@ def plot_leaderboard(board: Sequence[Mapping[str, Any]], keys: Sequence[str], pa
     if numeric:
       xs = values
       positive = [v for v in values if v > 0]
-      if len(positive) == len(values) and max(values) > 20 * min(values):
+      if len(positive) == len(values) and max(values) >= 10 * min(values):
         ax.set_xscale("log")
     else:
       labels = sorted({_format(v) for v in values})
