@@ -10,21 +10,35 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data = d = ml_collections.ConfigDict()
   d.source = "synthetic"  # synthetic | movielens_100k | logs
   d.data_dir = ""  # where TFDS builds go; "" means <workdir>/data
-  d.source_dir = ""  # movielens_100k: the GroupLens ml-100k directory
+  # movielens_100k: the GroupLens ml-100k directory; logs: the directory that relative file names
+  # in data.logs.files / data.logs.split_files are read from ("": the current directory).
+  d.source_dir = ""
   d.synthetic = ml_collections.ConfigDict(dict(
       num_users=4000, num_items=2000, num_interactions=200_000, num_categories=40,
       num_tags=60, latent_dim=8, sharpness=8.0, popularity_exponent=0.8, min_per_user=5,
       seed=0,
   ))
   d.logs = ml_collections.ConfigDict(dict(
-      files=(), format="csv",  # csv | tsv | parquet
+      # csv | tsv | parquet | adjacency: one line per user, "user item item ..." (the NGCF/LightGCN
+      # format, e.g. Gowalla; users and items only, timestamps 0); .gz files are decompressed.
+      files=(), format="csv",
       user_id="user_id", item_id="item_id", timestamp="timestamp", weight="",
       user_categorical=(), user_multi=(), user_numeric=(),
       item_categorical=(), item_multi=(), item_numeric=(),
       multi_separator="|",
+      # data.split.kind="predefined" takes each interaction's split from the data, in one of two
+      # ways: a column of the files holding train | validation | test ...
+      split_column="",
+      # ... or files per split, instead of data.logs.files.
+      split_files=ml_collections.ConfigDict(dict(train=(), validation=(), test=())),
+      # The validation files are a carve-out of the training files (as Gowalla's valid.txt is of
+      # train.txt): training interactions whose (user, item) pair is in validation are dropped.
+      validation_from_train=False,
   ))
   d.split = ml_collections.ConfigDict(dict(
-      kind="per_user_ratio",  # random | per_user_ratio | temporal_last_n | temporal_global
+      # random | per_user_ratio | temporal_last_n | temporal_global | predefined (given by the
+      # data: data.logs.split_column or data.logs.split_files).
+      kind="per_user_ratio",
       ratios=(0.8, 0.1, 0.1), last_n=1, last_n_validation=1, time_quantiles=(0.8, 0.9), seed=0,
   ))
   d.history_length = 20

@@ -61,7 +61,7 @@ def build_settings(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     settings.pop("synthetic")
   if settings["source"] != "logs":
     settings.pop("logs")
-  if settings["source"] == "movielens_100k":
+  if settings["source"] in ("movielens_100k", "logs"):
     settings["source_dir"] = os.path.abspath(settings["source_dir"]) if settings["source_dir"] else ""
   return settings
 
@@ -138,9 +138,9 @@ def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict) -> _Prepared:
   if cfg.weight_column:
     if cfg.weight_column not in inter:
       raise DataError(f"data.weight_column={cfg.weight_column!r} is not a column of this source; "
-                      f"available: {sorted(k for k in inter if k not in ('user_id', 'item_id'))}")
+                      f"available: {sorted(k for k in inter if k not in ('user_id', 'item_id', 'split'))}")
     weight = np.asarray(inter[cfg.weight_column], np.float32)
-  split = splits.assign(user, timestamp, cfg.split)
+  split = splits.assign(user, timestamp, cfg.split, given=inter.get("split"))
   train = split == splits.TRAIN
   if not train.any():
     raise DataError("the split left no training interactions: check data.split")
@@ -244,7 +244,8 @@ def training_history_mode(cfg: ml_collections.ConfigDict) -> str:
   """"before": a training example's history is the user's items before it (next-item
   prediction, right for temporal splits). "others": the user's latest training items except the
   target, which is exactly the query used at evaluation, right when test items are sampled from
-  the whole timeline (random splits)."""
+  the whole timeline (random splits). A predefined split counts as random: set "before" when it
+  is a split in time."""
   mode = cfg.training_history
   if mode == "auto":
     mode = "before" if cfg.split.kind.startswith("temporal") else "others"
@@ -311,12 +312,12 @@ class MovieLens100K(_InteractionBuilder, skip_registration=True):
 
 
 class InteractionLogs(_InteractionBuilder, skip_registration=True):
-  """Interaction logs from CSV, TSV or Parquet files described by config.data.logs."""
+  """Interaction logs from CSV, TSV, Parquet or adjacency files described by config.data.logs."""
 
   name = "logs"
 
   def _load(self, cfg):
-    return sources.interaction_logs(cfg.logs), None
+    return sources.interaction_logs(cfg.logs, cfg.source_dir), None
 
 
 BUILDERS = {b.name: b for b in (Synthetic, MovieLens100K, InteractionLogs)}

@@ -1,4 +1,6 @@
-"""Train / validation / test assignment of interactions."""
+"""Train / validation / test assignment of interactions: computed by a rule (`random`,
+`per_user_ratio`, `temporal_*`) or given by the data (`predefined`: a split column or one set of
+files per split, read by the source)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,14 @@ import numpy as np
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "validation", "test")
-KINDS = ("random", "per_user_ratio", "temporal_last_n", "temporal_global")
+KINDS = ("random", "per_user_ratio", "temporal_last_n", "temporal_global", "predefined")
+
+
+def split_id(name: str) -> int:
+  """TRAIN / VALIDATION / TEST of a split name; ValueError for any other name."""
+  if name not in SPLIT_NAMES:
+    raise ValueError(f"unknown split {name!r}: expected one of {SPLIT_NAMES}")
+  return SPLIT_NAMES.index(name)
 
 
 def _ratio_counts(n: np.ndarray, ratios) -> tuple[np.ndarray, np.ndarray]:
@@ -17,8 +26,12 @@ def _ratio_counts(n: np.ndarray, ratios) -> tuple[np.ndarray, np.ndarray]:
   return n_valid, n_test
 
 
-def assign(user: np.ndarray, timestamp: np.ndarray, cfg) -> np.ndarray:
-  """Returns the split (TRAIN / VALIDATION / TEST) of every interaction. `cfg` is data.split."""
+def assign(user: np.ndarray, timestamp: np.ndarray, cfg, given: np.ndarray | None = None) -> np.ndarray:
+  """Returns the split (TRAIN / VALIDATION / TEST) of every interaction. `cfg` is data.split;
+  `given` is the split the source read from the data (a split column or files per split), which
+  only kind "predefined" uses, and which it requires."""
+  if cfg.kind == "predefined" or given is not None:
+    return _predefined(cfg.kind, given)
   n = len(user)
   rng = np.random.default_rng(cfg.seed)
   out = np.full(n, TRAIN, np.int8)
@@ -57,3 +70,19 @@ def assign(user: np.ndarray, timestamp: np.ndarray, cfg) -> np.ndarray:
                           np.where(rank_from_end < np.repeat(n_test + n_valid, sizes), VALIDATION, TRAIN))
   out[order] = split_sorted
   return out
+
+
+def _predefined(kind: str, given: np.ndarray | None) -> np.ndarray:
+  # Imported here: pipelines.sources imports this module (split names).
+  from pipelines.sources import DataError
+  if given is None:
+    raise DataError(
+        "data.split.kind='predefined' takes each interaction's split from the data, but the "
+        "source gives none: use data.source='logs' with data.logs.split_column (a column of "
+        "train / validation / test) or data.logs.split_files (files per split)")
+  if kind != "predefined":
+    raise DataError(
+        f"the data gives each interaction's split (data.logs.split_column or data.logs.split_files "
+        f"is set) but data.split.kind={kind!r} would compute another: set "
+        "data.split.kind='predefined', or unset the split column / split files")
+  return np.asarray(given, np.int8)
