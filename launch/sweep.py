@@ -19,7 +19,7 @@ import time
 from absl import app, flags
 
 from launch import common
-from two_tower import sweep
+from two_tower import atomic, sweep
 from two_tower.train import train_and_evaluate
 
 _CONFIG = common.define_config()
@@ -77,7 +77,7 @@ def _write_outputs(base, workdir: str, space: dict, metric: str, records: list[d
   board = sweep.leaderboard(records)
   keys = list(space)
   sweep.write_json(os.path.join(workdir, "leaderboard.json"), board)
-  sweep.write_text(os.path.join(workdir, "leaderboard.csv"), sweep.leaderboard_csv(board, keys))
+  atomic.write_text(os.path.join(workdir, "leaderboard.csv"), sweep.leaderboard_csv(board, keys))
   sweep.plot_leaderboard(board, keys, os.path.join(workdir, "leaderboard.png"))
   best = board[0]
   best_config = _trial_config(base, sweep.Trial(best["name"], best["overrides"]), metric, workdir)
@@ -89,7 +89,7 @@ def main(argv):
   del argv
 
   def run():
-    base = _CONFIG.value
+    base = common.loaded_config(_CONFIG)
     metric = _METRIC.value or base.train.select_by
     if not metric:
       raise sweep.SweepError("no metric to select by: pass --metric=NAME (e.g. recall@20) or set "

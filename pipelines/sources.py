@@ -198,7 +198,7 @@ def _tokens(col: pa.ChunkedArray, separator: str) -> list[list[str]]:
   return [[t for t in str(v).split(separator) if t] if v is not None else [] for v in values]
 
 
-_FORMATS = ("csv", "tsv", "parquet", "adjacency")
+LOG_FORMATS = ("csv", "tsv", "parquet", "adjacency")
 
 
 def _paths(value) -> list[str]:
@@ -288,8 +288,8 @@ def interaction_logs(cfg, base_dir: str = "") -> RawData:
   from `base_dir` (config.data.source_dir). With a split column or files per split, the
   interactions carry their split (`interactions["split"]`, for data.split.kind="predefined")."""
   fmt = cfg.format.lower()
-  if fmt not in _FORMATS:
-    raise DataError(f"data.logs.format must be one of {', '.join(_FORMATS)}, got {cfg.format!r}")
+  if fmt not in LOG_FORMATS:
+    raise DataError(f"data.logs.format must be one of {', '.join(LOG_FORMATS)}, got {cfg.format!r}")
   files = log_files(cfg, base_dir)
   split_column = cfg.get("split_column", "")
   delimiter = "\t" if fmt == "tsv" else ","

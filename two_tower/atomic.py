@@ -47,6 +47,11 @@ def write_text(path: str, text: str) -> None:
     f.write(text)
 
 
+def write_bytes(path: str, data: bytes) -> None:
+  with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    f.write(data)
+
+
 def write_json(path: str, payload: Any) -> None:
   write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 

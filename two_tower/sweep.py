@@ -24,11 +24,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import ml_collections
 import numpy as np
+
+from two_tower import atomic
+from two_tower.errors import ConfigError
 
 # The metrics every validation pass computes, per K of eval.ks (two_tower/evaluation.py). All of
 # them are better when higher.
@@ -37,7 +39,7 @@ DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 TRIAL_SUMMARY = "trial.json"  # in a trial's directory: written once the trial has finished
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
   """A sweep that cannot run as given, with a message naming the problem and the fix."""
 
 
@@ -255,24 +257,8 @@ def leaderboard(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- outputs
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  """Writes to a temporary file in the same directory, then renames it over `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def write_json(path: str, payload: Any) -> None:
-  _write_atomic(path, (json.dumps(payload, indent=2, sort_keys=True, default=list) + "\n").encode())
+  atomic.write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=list) + "\n")
 
 
 def leaderboard_csv(board: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
@@ -317,11 +303,7 @@ def plot_leaderboard(board: Sequence[Mapping[str, Any]], keys: Sequence[str], pa
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=100)
   plt.close(fig)
-  _write_atomic(path, buffer.getvalue())
-
-
-def write_text(path: str, text: str) -> None:
-  _write_atomic(path, text.encode())
+  atomic.write_bytes(path, buffer.getvalue())
 
 
 def load_json(path: str) -> Any:
