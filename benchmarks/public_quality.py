@@ -24,10 +24,10 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from launch import common  # noqa: E402
-from pipelines.prepare import prepare  # noqa: E402
-from two_tower.evaluation import evaluate_workdir  # noqa: E402
+from launch import common, jobs  # noqa: E402
+from two_tower.errors import ConfigError, MissingArtifactError  # noqa: E402
 from two_tower.train import train_and_evaluate  # noqa: E402
+from two_tower.workdir import Workdir  # noqa: E402
 
 _CONFIG = common.define_config(os.path.join(ROOT, "configs", "gowalla.py"))
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with train/valid/test .txt.gz.",
@@ -42,13 +42,13 @@ FILES = ("train.txt.gz", "valid.txt.gz", "test.txt.gz")
 
 
 def _config(seed: int, data_dir: str, workdir: str):
-  config = _CONFIG.value.copy_and_resolve_references()
+  config = common.loaded_config(_CONFIG).copy_and_resolve_references()
   config.seed = seed
   config.data.source_dir = os.path.abspath(data_dir)
   config.data.data_dir = os.path.join(workdir, "data")  # one build shared by the seeds
   config.eval.ks = tuple(sorted(set(config.eval.ks) | {10, 20, 50}))
   if not config.train.select_by or config.train.eval_every_steps <= 0:
-    raise ValueError("the config must choose its state on validation: set train.select_by and "
+    raise ConfigError("the config must choose its state on validation: set train.select_by and "
                      "train.eval_every_steps > 0")
   return config
 
@@ -57,10 +57,10 @@ def _run(workdir: str) -> dict:
   data_dir = _DATA_DIR.value
   missing = [f for f in FILES if not os.path.isfile(os.path.join(data_dir, f))]
   if missing:
-    raise FileNotFoundError(f"{data_dir} lacks {', '.join(missing)}: --data_dir must hold "
+    raise MissingArtifactError(f"{data_dir} lacks {', '.join(missing)}: --data_dir must hold "
                             f"{', '.join(FILES)} (lines 'user item item ...')")
   start = time.perf_counter()
-  data = prepare(_config(0, data_dir, workdir).data, os.path.join(workdir, "data"))
+  data = Workdir(os.path.join(workdir, "seed-0")).prepare_data(_config(0, data_dir, workdir))
   prepare_s = time.perf_counter() - start
   schema = data.schema
   print(f"data: {schema.num_users} users, {schema.num_items} items, splits {schema.split_sizes} "
@@ -72,7 +72,7 @@ def _run(workdir: str) -> dict:
     start = time.perf_counter()
     summary = train_and_evaluate(config, run_dir)
     train_s = time.perf_counter() - start
-    test = evaluate_workdir(run_dir, "test")  # the best state by validation (train.select_by)
+    test = jobs.evaluate(run_dir, "test")  # the best state by validation (train.select_by)
     best = summary["best_validation"] or {}
     run = {k: test[k] for k in REPORTED}
     run.update({f"validation_{config.train.select_by}": best.get(config.train.select_by),
