@@ -15,7 +15,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import movielens_100k, movielens_100k_tfrs, movielens_100k_user_split  # noqa: E402
-from two_tower.evaluation import evaluate_workdir  # noqa: E402
+from launch import jobs  # noqa: E402
 from two_tower.train import train_and_evaluate  # noqa: E402
 
 _SOURCE_DIR = flags.DEFINE_string("source_dir", None, "GroupLens ml-100k directory.", required=True)
@@ -44,7 +44,7 @@ def main(argv):
         config.data.data_dir = os.path.join(tmp, "data")
         workdir = os.path.join(tmp, f"{module.__name__}-{seed}")
         summary = train_and_evaluate(config, workdir)
-        metrics = evaluate_workdir(workdir)
+        metrics = jobs.evaluate(workdir)
         metrics["examples_per_s"] = summary["examples_per_s"]
         runs.append(metrics)
         print(name, seed, {k: round(metrics[k], 4) for k in keys}, flush=True)
