@@ -57,7 +57,7 @@ def test_bad_search_spaces_are_refused(space, mode, message):
 def test_metric_must_be_a_validation_metric():
   config = _validating_config()
   sweep.check_metric("ndcg@10", config)
-  with pytest.raises(sweep.SweepError, match=r"'ndcg@20' is not a validation metric.*eval.ks"):
+  with pytest.raises(sweep.SweepError, match=r"'ndcg@20' is not a validation metric; choose one of"):
     sweep.check_metric("ndcg@20", config)
   with pytest.raises(sweep.SweepError, match="not a validation metric"):
     sweep.check_metric("loss", config)

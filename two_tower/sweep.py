@@ -30,11 +30,11 @@ import ml_collections
 import numpy as np
 
 from two_tower import atomic
+from two_tower import config as config_lib
 from two_tower.errors import ConfigError
 
 # The metrics every validation pass computes, per K of eval.ks (two_tower/evaluation.py). All of
 # them are better when higher.
-METRICS = ("recall", "ndcg", "mrr", "hit_rate", "accuracy")
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 TRIAL_SUMMARY = "trial.json"  # in a trial's directory: written once the trial has finished
 
@@ -222,16 +222,14 @@ def trials(space: Mapping[str, Any], mode: str, num_trials: int = 0, seed: int =
 
 
 def check_metric(metric: str, config: ml_collections.ConfigDict) -> None:
-  """The metric must be one the periodic validation of `config` computes."""
-  names = [f"{m}@{k}" for m in METRICS for k in config.eval.ks]
-  if metric not in names:
-    close = difflib.get_close_matches(metric, names, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise SweepError(f"--metric={metric!r} is not a validation metric of this config.{hint} "
-                     f"Choose one of {names} (K from eval.ks)")
-  if config.train.eval_every_steps <= 0:
-    raise SweepError("a sweep selects by validation: set train.eval_every_steps > 0 in the config "
-                     "(or as --config.train.eval_every_steps=N)")
+  """The metric must be one the periodic validation of `config` computes: the rule config.validate
+  applies to train.select_by, which each trial is given."""
+  candidate = ml_collections.ConfigDict(config.to_dict())
+  candidate.train.select_by = metric
+  try:
+    config_lib.validate(candidate)
+  except ConfigError as e:
+    raise SweepError(f"--metric={metric!r}: {e}") from None
 
 
 def trial_record(trial: Trial, metric: str, train_summary: Mapping[str, Any],
