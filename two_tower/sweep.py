@@ -33,8 +33,6 @@ from two_tower import atomic
 from two_tower import config as config_lib
 from two_tower.errors import ConfigError
 
-# The metrics every validation pass computes, per K of eval.ks (two_tower/evaluation.py). All of
-# them are better when higher.
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 TRIAL_SUMMARY = "trial.json"  # in a trial's directory: written once the trial has finished
 
