@@ -26,17 +26,19 @@ def get_config():
   c.data.logs.split_files.update(
       train=("train.txt.gz",), validation=("valid.txt.gz",), test=("test.txt.gz",))
   c.data.split.kind = "predefined"
-  # IDs and the history bag only (the data has nothing else), one linear projection per tower to
-  # 64 dims, cosine scores at temperature 0.1.
+  # Matrix factorisation as a two-tower: an ID embedding per user and per item, cosine scores at
+  # temperature 0.1, in-batch negatives mixed with 2,048 uniform ones, logQ-corrected. Chosen on
+  # validation recall@20 over the variants in docs/public_benchmarks.md (0.203, against 0.142 for
+  # IDs with an MLP and 0.118 for IDs + history bag + projection).
   c.model.update(
-      query_features=("user_id", "history"), item_features=("item_id",),
-      id_embedding_dim=64, hidden_dims=(), output_dim=64, l2_normalize=True, temperature=0.1)
-  c.loss.update(remove_accidental_hits=True, logq_correction=False, num_uniform_negatives=0)
-  c.optimizer.update(name="adam", learning_rate=5e-3, schedule="constant")
-  # One epoch of train - valid is 351 steps of 2048. Validation every epoch (a full-catalog pass
-  # over 29,858 users, about 20 s here) picks the best state by recall@20; num_epochs is the
+      query_features=("user_id",), item_features=("item_id",),
+      id_embedding_dim=64, hidden_dims=(), output_dim=0, l2_normalize=True, temperature=0.1)
+  c.loss.update(remove_accidental_hits=True, logq_correction=True, num_uniform_negatives=2048)
+  c.optimizer.update(name="adam", learning_rate=1e-2, schedule="constant")
+  # One epoch of train - valid is 176 steps of 4096. Validation every 2 epochs (a full-catalog
+  # pass over 29,858 users, about 20 s here) picks the best state by recall@20; num_epochs is the
   # horizon, early stopping usually ends sooner.
-  c.train.update(batch_size=2048, num_epochs=20.0, log_every_steps=50, checkpoint_every_steps=1000,
-                 eval_every_steps=351, select_by="recall@20", early_stopping_evals=3)
+  c.train.update(batch_size=4096, num_epochs=20.0, log_every_steps=50, checkpoint_every_steps=1000,
+                 eval_every_steps=352, select_by="recall@20", early_stopping_evals=3)
   c.eval.update(ks=(10, 20, 50), user_batch_size=1024)
   return c
