@@ -141,3 +141,294 @@ def test_registry_capacity_is_a_multiple_of_the_row_multiple():
   assert len(changes["item_id"].added) == len(np.unique(raw.interactions["item_id"]))
   with pytest.raises(ValueError, match="already applied"):
     registry_lib.advance(registry, raw, 0, registry_lib.RegistryConfig(1, 0, chunk, 1))
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def _prepare_day(root, date, config, parent_registry):
+  """A day's work directory as the nightly job lays it out: its registry, config and data."""
+  from launch import nightly_jobs
+  from two_tower.workdir import Workdir
+  day_dir = os.path.join(root, "days", date)
+  day_cfg = nightly_jobs.day_config(config, day_dir, date)
+  raw, _ = prepare.load_raw(day_cfg.data)
+  import datetime
+  registry, _ = registry_lib.advance(parent_registry, raw, datetime.date.fromisoformat(date).toordinal(),
+                                     nightly_jobs._registry_config(day_cfg))
+  registry.save(day_cfg.data.id_registry)
+  Workdir(day_dir).bind(day_cfg)
+  return day_dir, day_cfg, registry
+
+
+class _Trainer:
+  """The training step of a setup over fixed batches (the loop's pieces, without its files)."""
+
+  def __init__(self, setup):
+    import functools
+    import jax
+    from pipelines import loader
+    from two_tower import sharding
+    from two_tower.train import train_step
+    self.setup = setup
+    self.step_fn = jax.jit(functools.partial(train_step, graphdef=setup.graphdef, tx=setup.tx,
+                                             config=setup.config, mesh=setup.mesh),
+                           out_shardings=(setup.state_sharding, sharding.replicated(setup.mesh)))
+    split = loader.open_split(setup.data.record_source("train"), setup.data.schema.history_length)
+    cfg = setup.config.train
+    self.batches = list(loader.train_dataset(split, batch_size=cfg.batch_size,
+                                             num_examples=setup.num_examples, seed=setup.config.seed,
+                                             prefetch_buffer_size=0))
+    self.batch_sharding = sharding.batch_sharding(setup.mesh)
+
+  def run(self, state, steps):
+    import jax
+    for i in steps:
+      batch = {k: jax.device_put(v, self.batch_sharding) for k, v in self.batches[i].items()}
+      state, _ = self.step_fn(state, batch, self.setup.catalog)
+    return state
+
+
+def _numpy(tree):
+  import jax
+  from two_tower.trees import named_leaves
+  return {k: np.asarray(v) for k, v in named_leaves(jax.device_get(tree)).items()}
+
+
+@pytest.fixture(scope="module")
+def two_days(tmp_path_factory):
+  """Day 1 trained for 4 steps (checkpointed) and day 2 prepared, in a nightly layout."""
+  from two_tower.checkpoint import Checkpointer
+  from two_tower.train import setup_training
+  root = str(tmp_path_factory.mktemp("warm"))
+  config = tiny_nightly_config()
+  config.nightly.row_chunk = 8  # small chunks: day 2's new IDs grow the tables
+  day1, cfg1, reg1 = _prepare_day(root, "2026-01-01", config, registry_lib.Registry.empty())
+  setup1 = setup_training(cfg1, day1)
+  trainer1 = _Trainer(setup1)
+  state = trainer1.run(setup1.state, range(4))
+  checkpointer = Checkpointer(os.path.join(day1, "checkpoints"))
+  checkpointer.save(4, state, force=True)
+  checkpointer.wait()
+  day2, cfg2, reg2 = _prepare_day(root, "2026-01-02", config, reg1)
+  return dict(setup1=setup1, trainer1=trainer1, state=state, checkpointer=checkpointer,
+              reg1=reg1, reg2=reg2, setup2=setup_training(cfg2, day2))
+
+
+def test_warm_start_without_new_ids_continues_exactly(two_days):
+  from two_tower import warm_start
+  s = two_days["setup1"]
+  trainer = two_days["trainer1"]
+  uninterrupted = trainer.run(two_days["state"], range(4, 7))
+  # The same day's registry on both sides: no new IDs, every owned row carried.
+  tables = warm_start.table_vocabularies(s.data.schema)
+  carried = {v: registry_lib.carried_rows(two_days["reg1"].vocab(v), two_days["reg1"].vocab(v))
+             for v in set(tables.values())}
+  fresh = s.state  # a freshly initialised state of the same shapes
+  warm = warm_start.warm_start_state(two_days["checkpointer"], 4, s.data.schema, fresh,
+                                     s.state_sharding, s.config, s.tx, s.mesh, carried, tables)
+  assert int(warm.step) == 4
+  continued = trainer.run(warm, range(4, 7))
+  a, b = _numpy(uninterrupted.params), _numpy(continued.params)
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  moments_a, moments_b = _numpy(uninterrupted.opt_state), _numpy(continued.opt_state)
+  for name in moments_a:
+    if "/mu/" in name or "/nu/" in name or name.endswith("/0/count"):
+      np.testing.assert_array_equal(moments_a[name], moments_b[name], err_msg=name)
+  # The day's learning-rate schedule starts over; the parameters moved from the warm start.
+  counts = [v for k, v in moments_b.items() if k.endswith("count") and v.ndim == 0]
+  assert sorted(int(c) for c in counts) == [3, 7]
+  assert any(not np.array_equal(a[n], _numpy(warm.params)[n]) for n in a)
+
+
+def test_warm_start_growth_keeps_old_rows_and_slots_bit_identical(two_days):
+  from two_tower import warm_start
+  s1, s2 = two_days["setup1"], two_days["setup2"]
+  reg1, reg2 = two_days["reg1"], two_days["reg2"]
+  tables = warm_start.table_vocabularies(s2.data.schema)
+  carried = {v: registry_lib.carried_rows(reg1.vocab(v), reg2.vocab(v)) for v in set(tables.values())}
+  assert reg2.vocab("item_id").capacity > reg1.vocab("item_id").capacity  # the tables grew
+  grown = warm_start.warm_start_state(two_days["checkpointer"], 4, s1.data.schema, s2.state,
+                                      s2.state_sharding, s2.config, s2.tx, s2.mesh, carried, tables)
+  old, new, fresh = _numpy(two_days["state"]), _numpy(grown), _numpy(s2.state)
+  checked = 0
+  for name, value in new.items():
+    table = next((t for t in tables if f"tables/{t}/embedding" in name), None)
+    if table is None or value.ndim != 2:
+      if name != "step" and not name.endswith("count"):
+        np.testing.assert_array_equal(value, old[name], err_msg=name)  # dense layers carry over
+      continue
+    rows = carried[tables[table]]
+    assert value.shape[0] == len(rows) >= old[name].shape[0]
+    keep = np.flatnonzero(rows)
+    np.testing.assert_array_equal(value[keep], old[name][keep], err_msg=name)
+    new_rows = np.flatnonzero(~rows)
+    if name.startswith("params/"):
+      np.testing.assert_array_equal(value[new_rows], fresh[name][new_rows], err_msg=name)
+    else:
+      assert not value[new_rows].any(), name  # Adam's moments of new rows start at zero
+    checked += 1
+  assert checked >= 6
+  # Old IDs kept their rows, and trained rows really differ from a fresh model's.
+  old_item, new_item = reg1.vocab("item_id"), reg2.vocab("item_id")
+  kept = np.intersect1d(old_item.ids, new_item.ids)
+  np.testing.assert_array_equal(old_item.lookup(kept), new_item.lookup(kept))
+  name = "params/item_tower/embedding/tables/item_id/embedding"
+  assert not np.array_equal(new[name][old_item.lookup(kept)], fresh[name][old_item.lookup(kept)])
+
+
+# ----------------------------------------------------------------------------- the nightly job
+
+DAY1, DAY2 = "2026-01-01", "2026-01-02"
+
+
+class Crash(Exception):
+  """A simulated crash (kill) at a stage of the nightly job."""
+
+
+def crash_at(point):
+  def hook(stage):
+    if stage == point:
+      raise Crash(stage)
+  return hook
+
+
+def _copy(src, dst):
+  import shutil
+  shutil.copytree(src, dst, symlinks=True)
+  return str(dst)
+
+
+@pytest.fixture(scope="module")
+def after_day1(tmp_path_factory):
+  from launch import nightly_jobs
+  root = str(tmp_path_factory.mktemp("nightly") / "day1")
+  nightly_jobs.run_day(root, DAY1, tiny_nightly_config())
+  return root
+
+
+@pytest.fixture(scope="module")
+def after_day2(after_day1, tmp_path_factory):
+  from launch import nightly_jobs
+  root = _copy(after_day1, tmp_path_factory.mktemp("nightly2") / "day2")
+  nightly_jobs.run_day(root, DAY2)
+  return root
+
+
+def _summary(root, date):
+  with open(os.path.join(root, "days", date, "summary.json")) as f:
+    return json.load(f)
+
+
+def _final_params(root, date):
+  from two_tower.workdir import Workdir
+  return _numpy(Workdir(os.path.join(root, "days", date)).load_model().params)
+
+
+def test_days_are_recorded_published_and_warm_started(after_day1, after_day2):
+  first, second = _summary(after_day1, DAY1), _summary(after_day2, DAY2)
+  for key in ("published", "parent", "model_step", "num_users", "num_items", "new_users",
+              "new_items", "evicted", "metrics", "live_metrics", "index_version", "candidates",
+              "seconds"):
+    assert key in second, key
+  assert first["parent"] is None and first["live_metrics"] is None and first["published"]
+  assert second["published"] and second["parent"].endswith(f"days/{DAY1}/checkpoints/{first['model_step']}")
+  day_steps = second["model_step"] - first["model_step"]
+  assert day_steps > 0  # steps numbered on from the parent's
+  assert second["new_items"] > 0 and second["new_users"] > 0
+  assert second["metrics"].keys() == second["live_metrics"].keys()
+  assert second["metrics"]["recall@10"] != second["live_metrics"]["recall@10"]
+  assert set(second["seconds"]) == {"prepare", "train", "evaluate", "gate", "index", "candidates",
+                                    "publish"}
+  # Cold start: the index holds the whole catalog, items without interactions included.
+  assert second["cold_items"] > 0 and second["index"]["num_items"] == second["num_items"]
+  counts = second["candidates"]["counts"]
+  assert counts["users"] == second["num_users"] and counts["rows"] == 100 * counts["users"]
+  with open(os.path.join(after_day2, "LIVE.json")) as f:
+    live = json.load(f)
+  assert live["date"] == DAY2 and live["step"] == second["model_step"]
+  assert os.path.exists(os.path.join(live["candidates"], "_SUCCESS"))
+
+
+def test_rerunning_a_finished_day_does_nothing_and_earlier_dates_are_refused(after_day2, tmp_path):
+  from conftest import run_module
+  from launch import nightly_jobs
+  root = _copy(after_day2, tmp_path / "w")
+  before = _summary(root, DAY2)
+  messages = []
+  assert nightly_jobs.run_day(root, DAY2, log=messages.append) == before
+  assert "already finished" in messages[0]
+  assert sorted(os.listdir(os.path.join(root, "days"))) == [DAY1, DAY2]
+  result = run_module("launch.nightly", f"--workdir={root}", "--date=2025-12-31", timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "earlier than 2026-01-02" in result.stderr and "Traceback" not in result.stderr
+  # A config that changes the model's shape is refused, naming the key.
+  config = tiny_nightly_config()
+  config.model.id_embedding_dim = 8
+  with pytest.raises(nightly_jobs.NightlyError, match="model.id_embedding_dim"):
+    nightly_jobs.run_day(root, "2026-01-03", config)
+
+
+def test_crash_in_training_then_rerun_applies_the_day_once(after_day1, after_day2, tmp_path):
+  from launch import nightly_jobs
+  root = _copy(after_day1, tmp_path / "w")
+  first_step = _summary(after_day1, DAY1)["model_step"]
+  crash_step = first_step + 6  # after the day's checkpoint at a multiple of 4 (checkpoint_every_steps)
+  with pytest.raises(Crash):
+    nightly_jobs.run_day(root, DAY2, hook=crash_at(f"train:{crash_step}"))
+  with open(os.path.join(root, "LIVE.json")) as f:
+    assert json.load(f)["date"] == DAY1  # nothing published
+  # The rerun resumes from the day's own checkpoint: the day's data is applied exactly once, so
+  # the model is bit for bit the one of an uninterrupted run.
+  summary = nightly_jobs.run_day(root, DAY2)
+  expected = _summary(after_day2, DAY2)
+  assert summary["model_step"] == expected["model_step"]
+  assert summary["metrics"] == expected["metrics"]
+  a, b = _final_params(root, DAY2), _final_params(after_day2, DAY2)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_crash_around_publishing_then_rerun_finishes_the_day(after_day1, after_day2, tmp_path):
+  from launch import nightly_jobs
+  root = _copy(after_day1, tmp_path / "w")
+  with pytest.raises(Crash):
+    nightly_jobs.run_day(root, DAY2, hook=crash_at("publish"))
+  with open(os.path.join(root, "LIVE.json")) as f:
+    assert json.load(f)["date"] == DAY1  # index and candidates built, not yet live
+  with pytest.raises(Crash):  # now past publishing, before the summary
+    nightly_jobs.run_day(root, DAY2, hook=crash_at("summary"))
+  with open(os.path.join(root, "LIVE.json")) as f:
+    assert json.load(f)["date"] == DAY2
+  assert not os.path.exists(os.path.join(root, "days", DAY2, "summary.json"))
+  summary = nightly_jobs.run_day(root, DAY2)
+  expected = _summary(after_day2, DAY2)
+  # Still warm-started from day 1 (the day's parent is fixed when it starts), same model.
+  assert summary["parent"] == expected["parent"].replace(after_day2, root)
+  assert summary["metrics"] == expected["metrics"] and summary["published"]
+  assert summary["index_version"] == "v000001"  # the index was built once
+
+
+def test_gate_failure_publishes_nothing_until_forced(after_day1, tmp_path):
+  from launch import nightly_jobs
+  root = _copy(after_day1, tmp_path / "w")
+  config = tiny_nightly_config()
+  config.optimizer.learning_rate = 1000.0  # allowed between days; wrecks today's model
+  with pytest.raises(nightly_jobs.GateFailed) as e:
+    nightly_jobs.run_day(root, DAY2, config)
+  summary = _summary(root, DAY2)
+  gate = summary["gate"]
+  assert not gate["passed"] and f"{gate['new']:.4f}" in str(e.value) and f"{gate['live']:.4f}" in str(e.value)
+  assert not summary["published"] and summary["index_version"] is None
+  with open(os.path.join(root, "LIVE.json")) as f:
+    assert json.load(f)["date"] == DAY1
+  day_dir = os.path.join(root, "days", DAY2)
+  assert os.listdir(os.path.join(day_dir, "checkpoints")) and not os.path.exists(os.path.join(day_dir, "index"))
+  # A rerun is a no-op; --force publishes it and says so.
+  assert not nightly_jobs.run_day(root, DAY2, config, log=lambda m: None)["published"]
+  forced = nightly_jobs.run_day(root, DAY2, config, force=True, log=lambda m: None)
+  assert forced["published"] and forced["forced"]
+  with open(os.path.join(root, "LIVE.json")) as f:
+    assert json.load(f)["date"] == DAY2
