@@ -10,6 +10,7 @@ publish, recorded in days/<date>/summary.json.
     registry.npz                 the ID registry the day's tables are indexed by (two_tower/registry.py)
     progress.json                the stages done, their seconds and results, and the parent
     summary.json                 written last: the day is finished
+  DIR/report/                    index.html, PNG plots and days.json over every finished day
 
 Crash safety. Each stage's result is recorded in progress.json (atomically) when it ends, and a
 rerun skips recorded stages. Today's state is always computed from the parent's (the day that was
@@ -34,7 +35,7 @@ import ml_collections
 import numpy as np
 import pyarrow.parquet as pq
 
-from launch import jobs
+from launch import jobs, nightly_report
 from pipelines.prepare import load_raw
 from two_tower import atomic, registry as registry_lib, sharding
 from two_tower import config as config_lib
@@ -364,6 +365,7 @@ def run_day(workdir: str, date: str, config: ml_collections.ConfigDict | None = 
                  f"{day.dir}. Rerun with --force to publish it anyway.")
       if not force:
         day.write_summary(published=False)
+        _report(life, config)
         raise GateFailed(message)
       log(f"{message.split(';')[0]}; publishing anyway (--force)")
       day.progress["forced"] = True
@@ -373,4 +375,12 @@ def run_day(workdir: str, date: str, config: ml_collections.ConfigDict | None = 
     results = stages[name]()
     day.finish(name, round(time.perf_counter() - start, 3), **results)
   hook("summary")
-  return day.write_summary(published=True)
+  summary = day.write_summary(published=True)
+  _report(life, config)
+  return summary
+
+
+def _report(life: Lifecycle, config: ml_collections.ConfigDict) -> None:
+  """DIR/report/ rebuilt from every finished day's summary."""
+  nightly_report.write_report(life.root, [life.summary(d) for d in life.finished()],
+                              config.gate.metric)

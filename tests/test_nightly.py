@@ -350,6 +350,13 @@ def test_days_are_recorded_published_and_warm_started(after_day1, after_day2):
     live = json.load(f)
   assert live["date"] == DAY2 and live["step"] == second["model_step"]
   assert os.path.exists(os.path.join(live["candidates"], "_SUCCESS"))
+  # The report covers both days, with its plots as PNG files.
+  with open(os.path.join(after_day2, "report", "days.json")) as f:
+    assert [d["date"] for d in json.load(f)] == [DAY1, DAY2]
+  for name in ("index.html", "quality.png", "catalog.png", "seconds.png"):
+    with open(os.path.join(after_day2, "report", name), "rb") as f:
+      head = f.read(9)
+    assert head.startswith(b"\x89PNG" if name.endswith(".png") else b"<!doctype"), name
 
 
 def test_rerunning_a_finished_day_does_nothing_and_earlier_dates_are_refused(after_day2, tmp_path):
