@@ -17,6 +17,20 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_users=4000, num_items=2000, num_interactions=200_000, num_categories=40,
       num_tags=60, latent_dim=8, sharpness=8.0, popularity_exponent=0.8, min_per_user=5,
       seed=0,
+      # YYYY-MM-DD: one day of a world that changes over time (pipelines/synthetic.py,
+      # generate_day; python -m launch.nightly sets it). "": the static dataset above.
+      date="",
+      # The world by day (only read with a date). Day 0 (start_date) holds num_users users and
+      # num_items items; the sizes below are per day.
+      world=ml_collections.ConfigDict(dict(
+          start_date="2026-01-01",
+          interactions_per_day=20_000,
+          new_users_per_day=0.05,  # new users each day, as a share of num_users
+          new_items_per_day=0.03,  # new items each day, as a share of num_items
+          daily_active_users=0.3,  # share of the earlier users active on a day (new ones always are)
+          item_lifetime_days=60.0,  # median; popularity fades as exp(-age / lifetime), gone at 2x
+          popularity_drift=0.5,  # amplitude (log scale) of each item's periodic popularity drift
+      )),
   ))
   d.logs = ml_collections.ConfigDict(dict(
       # csv | tsv | parquet | adjacency: one line per user, "user item item ..." (the NGCF/LightGCN
@@ -47,6 +61,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.min_count = 1
   d.max_bag_length = 16
   d.weight_column = ""  # an interaction column to use as per-example weight, e.g. "rating"
+  # An ID registry file (two_tower/registry.py) whose rows IDs and feature tokens take instead of
+  # vocabularies of this data alone; set by python -m launch.nightly for each day. "": none.
+  d.id_registry = ""
   d.cache = "auto"  # auto | always | never: hold the decoded training split in memory
   d.worker_count = 0  # grain worker processes; 0 reads in the training process
   d.prefetch_buffer_size = 2
@@ -128,6 +145,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.users_per_shard = 50_000  # users per Parquet shard (the unit of resumption)
   s.batch_size = 4096  # users per query-tower / search batch
   s.require_latest_checkpoint = False  # refuse a live index built from an older checkpoint
+
+  # The nightly lifecycle (python -m launch.nightly): one work directory trained day after day.
+  # There train.num_steps / train.num_epochs are each day's budget, and each day runs the
+  # optimizer.schedule over its own steps. Keys of this block and of `gate`, train.*,
+  # optimizer.learning_rate / schedule / warmup_steps and the runtime keys may change between days;
+  # any other change (the model's shape, the features) is refused.
+  c.nightly = n = ml_collections.ConfigDict()
+  n.min_count = 1  # occurrences (over days) before an ID gets its own row; until then a hashed bucket
+  n.expire_after_days = 0  # an ID unseen for this many days is evicted and its row reused; 0: never
+  n.row_chunk = 256  # tables grow by whole chunks of rows (rounded to a multiple of mesh.table_row_multiple)
+
+  # Before publishing a nightly model: it must score gate.metric on the day's holdout at most
+  # max_regression (relative) below the live model scored on the same holdout.
+  c.gate = g = ml_collections.ConfigDict()
+  g.metric = "recall@10"
+  g.max_regression = 0.05
 
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1  # data-parallel axis size; -1: the devices left over by mesh.model

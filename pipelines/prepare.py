@@ -36,12 +36,13 @@ from pipelines.schema import PAD, Feature, Schema
 from pipelines.sources import DataError, RawData
 from pipelines.vocab import Vocabulary
 from two_tower.errors import ConfigError
+from two_tower.registry import Registry
 
 VERSION = "1.0.0"
 # The parts of config.data that change the prepared data (the rest only changes how it is read).
 _BUILD_KEYS = ("source", "source_dir", "synthetic", "logs", "split", "history_length",
                "training_history",
-               "num_oov_buckets", "min_count", "max_bag_length", "weight_column")
+               "num_oov_buckets", "min_count", "max_bag_length", "weight_column", "id_registry")
 
 
 def example_features(history_length: int) -> tfds.features.FeaturesDict:
@@ -55,12 +56,17 @@ def example_features(history_length: int) -> tfds.features.FeaturesDict:
 
 
 def build_settings(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  settings = {k: data_cfg[k] for k in _BUILD_KEYS}
+  settings = {k: data_cfg[k] for k in _BUILD_KEYS if k in data_cfg}
   settings = json.loads(json.dumps(ml_collections.ConfigDict(settings).to_dict(), sort_keys=True))
   if settings["source"] != "synthetic":
     settings.pop("synthetic")
+  elif not settings["synthetic"]["date"]:
+    # The static dataset: the world's keys do not change it (nor the name of its build).
+    del settings["synthetic"]["date"], settings["synthetic"]["world"]
   if settings["source"] != "logs":
     settings.pop("logs")
+  if not settings.get("id_registry"):
+    settings.pop("id_registry", None)  # vocabularies of this build alone (the name is unchanged)
   if settings["source"] in ("movielens_100k", "logs"):
     settings["source_dir"] = os.path.abspath(settings["source_dir"]) if settings["source_dir"] else ""
   return settings
@@ -106,28 +112,46 @@ class _Prepared:
   item_id_index: np.ndarray  # item row -> item-ID vocabulary index
 
 
-def _feature_table(raw_col, entity_in_train: np.ndarray, kind: str, cfg, name: str):
-  """Builds one feature column from the training entities' values; returns (table, Feature args)."""
+def _feature_table(raw_col, entity_in_train: np.ndarray, kind: str, cfg, name: str,
+                   registry: Registry | None = None):
+  """Builds one feature column from the training entities' values, or with the rows and
+  statistics of an ID registry (a nightly model's: stable across days); returns (table, Feature
+  args)."""
   if kind == "numeric":
     col = np.asarray(raw_col, np.float64)
-    train_vals = col[entity_in_train]
-    mean = float(train_vals.mean()) if len(train_vals) else 0.0
-    std = float(train_vals.std()) if len(train_vals) else 1.0
+    if registry is not None:
+      mean, std = registry.numeric[name]
+    else:
+      train_vals = col[entity_in_train]
+      mean = float(train_vals.mean()) if len(train_vals) else 0.0
+      std = float(train_vals.std()) if len(train_vals) else 1.0
     return ((col - mean) / (std if std > 0 else 1.0)).astype(np.float32), dict(vocab_size=0, length=1)
   if kind == "multi":
     bags = list(raw_col)
-    train_tokens = [t for r in np.flatnonzero(entity_in_train) for t in bags[r]]
-    vocab = Vocabulary.build(np.asarray(train_tokens if train_tokens else [""]),
-                             num_oov=cfg.num_oov_buckets, min_count=cfg.min_count)
+    if registry is not None:
+      vocab = registry.vocab(name)
+    else:
+      train_tokens = [t for r in np.flatnonzero(entity_in_train) for t in bags[r]]
+      vocab = Vocabulary.build(np.asarray(train_tokens if train_tokens else [""]),
+                               num_oov=cfg.num_oov_buckets, min_count=cfg.min_count)
     length = max(1, min(cfg.max_bag_length, max((len(b) for b in bags), default=1)))
+    if registry is not None:
+      length = cfg.max_bag_length  # fixed: the bag length is part of the model's input shape
     return vocab.lookup_bags(bags, length), dict(vocab_size=vocab.size, length=length)
   col = np.asarray(raw_col).astype(str)
-  vocab = Vocabulary.build(col[entity_in_train], num_oov=cfg.num_oov_buckets, min_count=cfg.min_count)
+  if registry is not None:
+    vocab = registry.vocab(name)
+  else:
+    vocab = Vocabulary.build(col[entity_in_train], num_oov=cfg.num_oov_buckets,
+                             min_count=cfg.min_count)
   return vocab.lookup(col), dict(vocab_size=vocab.size, length=1)
 
 
-def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict) -> _Prepared:
-  """Everything except writing: split, vocabularies, tables and history order."""
+def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict,
+                   registry: Registry | None = None) -> _Prepared:
+  """Everything except writing: split, vocabularies, tables and history order. With an ID
+  registry (config.data.id_registry), IDs and tokens take its rows instead of vocabularies of
+  this data alone."""
   inter = raw.interactions
   user_catalog = _Catalog(raw.users["user_id"], "user")
   item_catalog = _Catalog(raw.items["item_id"], "item")
@@ -151,15 +175,18 @@ def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict) -> _Prepared:
   tables: dict[str, np.ndarray] = {}
   features: list[Feature] = []
   for side, raw_table, in_train in (("user", raw.users, user_in_train), ("item", raw.items, item_in_train)):
-    id_vocab = Vocabulary.build(np.asarray(raw_table[f"{side}_id"])[in_train],
-                                num_oov=cfg.num_oov_buckets)
+    if registry is not None:
+      id_vocab = registry.vocab(f"{side}_id")
+    else:
+      id_vocab = Vocabulary.build(np.asarray(raw_table[f"{side}_id"])[in_train],
+                                  num_oov=cfg.num_oov_buckets)
     tables[f"{side}.{side}_id"] = id_vocab.lookup(np.asarray(raw_table[f"{side}_id"]))
     features.append(Feature(f"{side}_id", side, "id", vocab_size=id_vocab.size))
     tables[f"{side}.raw_id"] = np.asarray(raw_table[f"{side}_id"])
     for f in raw.features:
       if f.side != side:
         continue
-      table, sizes = _feature_table(raw_table[f.name], in_train, f.kind, cfg, f.name)
+      table, sizes = _feature_table(raw_table[f.name], in_train, f.kind, cfg, f.name, registry)
       tables[f"{side}.{f.name}"] = table
       features.append(Feature(f.name, side, f.kind, **sizes))
   item_id_index = tables["item.item_id"]
@@ -283,7 +310,8 @@ class _InteractionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   def _split_generators(self, dl_manager):
     cfg = self._settings
     raw, planted = self._load(cfg)
-    prep = prepare_arrays(raw, cfg)
+    registry = Registry.load(cfg.id_registry) if cfg.get("id_registry") else None
+    prep = prepare_arrays(raw, cfg, registry)
     _write_side_files(prep, self.data_dir, planted)  # self.data_dir is the incomplete.* directory
     mode = training_history_mode(cfg)
     return {name: _examples(prep, k, mode) for k, name in enumerate(splits.SPLIT_NAMES)
@@ -293,13 +321,25 @@ class _InteractionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     raise NotImplementedError
 
 
+def load_raw(cfg: ml_collections.ConfigDict) -> tuple[RawData, Any]:
+  """The raw data a build of `cfg` (config.data) prepares and, for synthetic data, its planted
+  parameters (one day's, with data.synthetic.date)."""
+  if cfg.source == "synthetic":
+    if cfg.synthetic.get("date"):
+      return synthetic.generate_day(cfg.synthetic, cfg.synthetic.date)
+    return synthetic.generate(cfg.synthetic)
+  if cfg.source == "movielens_100k":
+    return sources.movielens_100k(cfg.source_dir), None
+  return sources.interaction_logs(cfg.logs, cfg.source_dir), None
+
+
 class Synthetic(_InteractionBuilder, skip_registration=True):
   """Synthetic interactions with planted preferences (the built-in default data)."""
 
   name = "synthetic"
 
   def _load(self, cfg):
-    return synthetic.generate(cfg.synthetic)
+    return load_raw(cfg)
 
 
 class MovieLens100K(_InteractionBuilder, skip_registration=True):
@@ -308,7 +348,7 @@ class MovieLens100K(_InteractionBuilder, skip_registration=True):
   name = "movielens_100k"
 
   def _load(self, cfg):
-    return sources.movielens_100k(cfg.source_dir), None
+    return load_raw(cfg)
 
 
 class InteractionLogs(_InteractionBuilder, skip_registration=True):
@@ -317,7 +357,7 @@ class InteractionLogs(_InteractionBuilder, skip_registration=True):
   name = "logs"
 
   def _load(self, cfg):
-    return sources.interaction_logs(cfg.logs, cfg.source_dir), None
+    return load_raw(cfg)
 
 
 BUILDERS = {b.name: b for b in (Synthetic, MovieLens100K, InteractionLogs)}

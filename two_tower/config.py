@@ -8,6 +8,7 @@ config, the configs of a job's processes).
 
 from __future__ import annotations
 
+import datetime
 from typing import Any, Callable, Iterable, Mapping
 
 import ml_collections
@@ -29,6 +30,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mesh.shard_tables_over": ("model", "all"),
     "eval.split": ("validation", "test"),
 }
+
+# Ranges of the nightly keys: (key, low, high), inclusive.
+_RANGES = (("nightly.min_count", 1, None), ("nightly.expire_after_days", 0, None),
+           ("nightly.row_chunk", 1, None), ("gate.max_regression", 0.0, 1.0),
+           ("data.synthetic.world.interactions_per_day", 1, None),
+           ("data.synthetic.world.new_users_per_day", 0.0, None),
+           ("data.synthetic.world.new_items_per_day", 0.0, None),
+           ("data.synthetic.world.daily_active_users", 0.0, 1.0),
+           ("data.synthetic.world.item_lifetime_days", 1e-3, None),
+           ("data.synthetic.world.popularity_drift", 0.0, None))
 
 _POSITIVE = ("train.batch_size", "model.temperature", "optimizer.learning_rate",
              "data.history_length", "train.log_every_steps", "eval.user_batch_size",
@@ -92,6 +103,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in _NON_NEGATIVE:
     if key in values and not values[key] >= 0:
       problems.append(f"{key}={values[key]!r} must be >= 0")
+  for key, low, high in _RANGES:
+    if key in values and not (values[key] >= low and (high is None or values[key] <= high)):
+      problems.append(f"{key}={values[key]!r} must be >= {low}"
+                      + (f" and <= {high}" if high is not None else ""))
+  for key in ("data.synthetic.date", "data.synthetic.world.start_date"):
+    if values.get(key):
+      try:
+        datetime.date.fromisoformat(values[key])
+      except ValueError:
+        problems.append(f"{key}={values[key]!r} must be a date, YYYY-MM-DD")
+  if "gate.metric" in values and values["gate.metric"] not in _metric_names(config.eval.ks):
+    problems.append(f"gate.metric={values['gate.metric']!r} is not an evaluation metric; choose one "
+                    f"of {', '.join(_metric_names(config.eval.ks))}")
   split = config.data.split
   if split.kind in ("random", "per_user_ratio"):
     ratios = tuple(split.ratios)

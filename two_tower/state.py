@@ -50,3 +50,12 @@ def create_train_state(schema: Schema, config: ml_collections.ConfigDict,
   state_sh = TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh)
   state = jax.jit(init, out_shardings=state_sh)()
   return graphdef, state, state_sh
+
+
+def init_params(schema: Schema, config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
+  """Freshly initialised parameters (config.seed), in their shardings: exactly the parameters
+  `create_train_state` starts from."""
+  _, abstract, param_sh = abstract_params(schema, config, mesh)
+  del abstract
+  return jax.jit(lambda: nnx.state(_model(schema, config, config.seed), nnx.Param),
+                 out_shardings=param_sh)()

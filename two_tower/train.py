@@ -164,10 +164,26 @@ def setup_training(config: ml_collections.ConfigDict, workdir: str) -> TrainingS
                        num_examples)
 
 
+@dataclasses.dataclass(frozen=True)
+class WarmStart:
+  """A run that continues another run's model (the nightly job: today's data from yesterday's
+  state). Its steps are numbered on from `step`, the parent's: it trains steps
+  (step, step + the run's own num_steps], so step numbers (checkpoints, the random negatives of
+  each step) stay unique over the model's life."""
+
+  step: int
+  # The initial state when the work directory has no checkpoint yet, placed like setup.state.
+  initial_state: Callable[[TrainingSetup], TrainState]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       hooks: Sequence[Hook] = ()) -> dict[str, Any]:
-  """Trains (resuming from the latest checkpoint in `workdir`) and writes train_summary.json."""
+                       hooks: Sequence[Hook] = (), warm_start: WarmStart | None = None
+                       ) -> dict[str, Any]:
+  """Trains (resuming from the latest checkpoint in `workdir`, else from `warm_start` when given)
+  and writes train_summary.json."""
   s = setup_training(config, workdir)
+  first_step = warm_start.step if warm_start is not None else 0
+  last_step = first_step + s.num_steps
   cfg = config.train
   checkpointer = s.workdir.checkpointer(cfg)
   best = s.workdir.best_checkpointer() if cfg.select_by else None
@@ -182,6 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   resumed_from = checkpointer.latest_step()
   if resumed_from is not None:
     state = checkpointer.restore_train_state(resumed_from, state, data_iter)
+  elif warm_start is not None:
+    state = warm_start.initial_state(s)
   start = int(state.step)
 
   step_fn = jax.jit(
@@ -196,8 +214,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                           graphdef=s.graphdef, mesh=s.mesh)
     if cfg.select_by:  # a validation metric: checked with the config
       tracker = BestTracker(best, cfg.select_by, cfg.early_stopping_evals, cfg.eval_every_steps)
-  end = start if tracker is not None and tracker.should_stop(start) else s.num_steps
-  reporter = Reporter(s.workdir.path("tensorboard"), total_steps=s.num_steps, initial_step=start)
+  end = start if tracker is not None and tracker.should_stop(start) else last_step
+  reporter = Reporter(s.workdir.path("tensorboard"), total_steps=s.num_steps,
+                      initial_step=start - first_step)
   reporter.write(f"training {s.num_steps} steps of {cfg.batch_size} examples on mesh "
                  f"{dict(s.mesh.shape)}; data: {s.data.path}")
   if resumed_from is not None:
@@ -214,13 +233,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                for k in loader.BATCH_KEYS}
       state, metrics = step_fn(state, batch, s.catalog)
       # Padding rows of a short last batch are not examples.
-      stopwatch.tick(loader.examples_in_step(step, cfg.batch_size, s.num_examples), sync=metrics)
+      stopwatch.tick(loader.examples_in_step(step - first_step, cfg.batch_size, s.num_examples),
+                     sync=metrics)
       for hook in hooks:
         hook(step + 1, state)
       done = step + 1
-      if done % cfg.log_every_steps == 0 or done == s.num_steps:
+      if done % cfg.log_every_steps == 0 or done == last_step:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        values["learning_rate"] = float(schedule(done))
+        values["learning_rate"] = float(schedule(done - first_step))
         speed = stopwatch.examples_per_s()
         if speed:
           values["examples_per_s"] = speed
@@ -231,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           raise FloatingPointError(
               f"training loss became {final_loss} at step {done}: lower optimizer.learning_rate "
               "or set optimizer.grad_clip_norm")
-      if validator is not None and (done % cfg.eval_every_steps == 0 or done == s.num_steps):
+      if validator is not None and (done % cfg.eval_every_steps == 0 or done == last_step):
         val = validator(state.params)
         reporter.scalars(done, val, "validation/")
         reporter.write(f"step {done}: validation " + ", ".join(
@@ -241,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       stop_early = tracker is not None and tracker.should_stop(done)
       preempted = preemption.should_stop(done, cfg.log_every_steps)
       checkpointer.save(done, state, data_iter,
-                          force=done == s.num_steps or preempted or stop_early)
+                          force=done == last_step or preempted or stop_early)
       reporter.step()
       if preempted:
         raise Preempted(f"stopped by SIGTERM at step {done}; checkpoint {checkpointer.path(done)} "

@@ -1,0 +1,18 @@
+"""The nightly lifecycle's default (python -m launch.nightly): the synthetic world by day, with
+sizes small enough that a day (prepare, train, evaluate, gate, index, candidates) takes tens of
+seconds on 2 CPU cores."""
+
+from configs import synthetic
+
+
+def get_config():
+  c = synthetic.get_config()
+  c.data.synthetic.update(num_users=2000, num_items=1000, num_categories=20)
+  c.data.synthetic.world.interactions_per_day = 20_000
+  c.data.history_length = 10
+  # Every day has its own budget: 3 passes over the day's training interactions.
+  c.train.update(batch_size=1024, num_epochs=3.0, eval_every_steps=0, select_by="",
+                 log_every_steps=10, checkpoint_every_steps=20)
+  c.index.update(calibration_queries=200, validation_queries=300)
+  c.score.users_per_shard = 1000
+  return c

@@ -1,0 +1,441 @@
+"""The nightly lifecycle: the synthetic world by day, the ID registry, warm start across growth
+and the nightly job (launch/nightly_jobs.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import nightly, synthetic as synthetic_config
+from pipelines import prepare, synthetic
+from two_tower import config as config_lib
+from two_tower import registry as registry_lib
+from two_tower.errors import ConfigError
+
+
+def tiny_nightly_config():
+  """configs/nightly.py shrunk so that a day runs in seconds."""
+  c = nightly.get_config()
+  c.data.synthetic.update(num_users=300, num_items=200, num_categories=8)
+  c.data.synthetic.world.update(interactions_per_day=3000, new_items_per_day=0.05)
+  c.data.history_length = 8
+  c.train.update(batch_size=256, num_epochs=2.0, log_every_steps=5, checkpoint_every_steps=4)
+  c.eval.user_batch_size = 128
+  c.index.update(calibration_queries=50, validation_queries=50)
+  c.score.users_per_shard = 100
+  c.nightly.row_chunk = 32
+  return c
+
+
+# ----------------------------------------------------------------------------- the world by day
+
+
+def test_world_is_deterministic_and_changes_by_day():
+  cfg = tiny_nightly_config().data.synthetic
+  raw1, planted1 = synthetic.generate_day(cfg, "2026-01-01")
+  raw2, planted2 = synthetic.generate_day(cfg, "2026-01-02")
+  again, _ = synthetic.generate_day(cfg, "2026-01-02")
+  for key in raw2.interactions:
+    np.testing.assert_array_equal(raw2.interactions[key], again.interactions[key])
+  items1, items2 = raw1.items["item_id"], raw2.items["item_id"]
+  born = np.setdiff1d(items2, np.arange(cfg.num_items))
+  assert len(born) == round(cfg.world.new_items_per_day * cfg.num_items)  # new items each day
+  # An item keeps its features across days, and the new ones come with theirs.
+  common = np.intersect1d(items1, items2)
+  cat1 = dict(zip(items1.tolist(), raw1.items["category"].tolist()))
+  cat2 = dict(zip(items2.tolist(), raw2.items["category"].tolist()))
+  assert all(cat1[i] == cat2[i] for i in common.tolist())
+  # New users arrive and are active on their first day.
+  new_users = np.setdiff1d(raw2.users["user_id"], raw1.users["user_id"])
+  assert len(new_users) == round(cfg.world.new_users_per_day * cfg.num_users)
+  # Items fade out of the catalog; some of today's items have no interactions yet (cold start).
+  later, _ = synthetic.generate_day(cfg, "2026-03-01")
+  assert len(np.setdiff1d(items1, later.items["item_id"])) > 0.2 * len(items1)
+  assert len(np.setdiff1d(items2, raw2.interactions["item_id"])) > 0
+  # The planted oracle covers exactly the day's users and items, and explains the interactions:
+  # the observed items score far above the average item.
+  assert planted2.scores(np.arange(2)).shape == (2, len(items2))
+  user_row = np.searchsorted(raw2.users["user_id"], raw2.interactions["user_id"])
+  item_row = np.searchsorted(items2, raw2.interactions["item_id"])
+  scores = planted2.scores(user_row[:500])
+  observed = scores[np.arange(500), item_row[:500]]
+  assert observed.mean() > scores.mean() + 1.0
+
+
+def test_static_synthetic_data_is_unchanged():
+  # The default job's build (and so its name) does not see the world's keys.
+  settings = prepare.build_settings(synthetic_config.get_config().data)
+  assert "date" not in settings["synthetic"] and "world" not in settings["synthetic"]
+  assert "id_registry" not in settings
+
+
+def test_world_config_is_validated():
+  c = tiny_nightly_config()
+  c.data.synthetic.date = "2026-13-01"
+  c.data.synthetic.world.new_items_per_day = -0.1
+  c.gate.metric = "recall@7"
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c)
+  for key in ("data.synthetic.date", "new_items_per_day", "gate.metric"):
+    assert key in str(e.value)
+  with pytest.raises(ConfigError, match="before the synthetic world"):
+    synthetic.generate_day(tiny_nightly_config().data.synthetic, "2025-12-31")
+
+
+# ----------------------------------------------------------------------------- the ID registry
+
+
+def _advance(vocab, tokens, day, **kw):
+  kw = dict(dict(min_count=1, expire_after_days=0, chunk=8), **kw)
+  return vocab.advance(np.asarray(tokens), day, **kw)
+
+
+def test_registry_keeps_rows_and_grows_in_chunks():
+  v0 = registry_lib.VocabRegistry.empty(num_oov=1, chunk=8)
+  v1, c1 = _advance(v0, ["a", "b", "a", "c"], 0)
+  assert v1.capacity == 8 and sorted(c1.added.tolist()) == ["a", "b", "c"]
+  rows = dict(zip(v1.ids.tolist(), v1.rows.tolist()))
+  assert sorted(rows.values()) == [2, 3, 4]  # after padding (0) and the hashed bucket (1)
+  v2, c2 = _advance(v1, ["a"] + [f"n{i}" for i in range(10)], 1)
+  assert all(v2.lookup([k])[0] == r for k, r in rows.items())  # seen IDs keep their rows
+  assert len(c2.added) == 10 and v2.capacity == 16 and c2.capacity_before == 8  # whole chunks
+  assert len(set(v2.rows.tolist())) == len(v2.rows) and v2.rows.max() < v2.capacity
+  carried = registry_lib.carried_rows(v1, v2)
+  assert carried[:5].all() and not carried[5:].any()
+
+
+def test_registry_min_count_buckets_and_eviction_reuse(tmp_path):
+  v0 = registry_lib.VocabRegistry.empty(num_oov=2, chunk=8)
+  v1, _ = _advance(v0, ["a", "a", "b"], 0, min_count=2, expire_after_days=2)
+  assert v1.ids.tolist() == ["a"] and v1.pending_ids.tolist() == ["b"]
+  assert 1 <= v1.lookup(["b"])[0] <= 2  # until min_count: a shared hashed bucket
+  v2, c2 = _advance(v1, ["b"], 1, min_count=2, expire_after_days=2)  # counts add up over days
+  assert c2.added.tolist() == ["b"]
+  row_a = int(v2.lookup(["a"])[0])
+  v3, c3 = _advance(v2, ["z", "z"], 3, min_count=2, expire_after_days=2)  # a unseen since day 0
+  assert c3.evicted.tolist() == ["a"] and c3.added.tolist() == ["z"]
+  assert v3.lookup(["z"])[0] == row_a and v3.capacity == v2.capacity  # the freed row is reused
+  assert not registry_lib.carried_rows(v2, v3)[row_a]  # ... and starts fresh
+  registry = registry_lib.Registry({"item_id": v3}, {"price": (1.5, 2.0)}, 3)
+  path = str(tmp_path / "registry.npz")
+  registry.save(path)
+  loaded = registry_lib.Registry.load(path)
+  assert loaded.day == 3 and loaded.numeric == {"price": (1.5, 2.0)}
+  np.testing.assert_array_equal(loaded.vocab("item_id").lookup(["z", "b", "q"]), v3.lookup(["z", "b", "q"]))
+  assert os.listdir(tmp_path) == ["registry.npz"]  # no temporary file left
+
+
+def test_registry_capacity_is_a_multiple_of_the_row_multiple():
+  cfg = tiny_nightly_config()
+  raw, _ = synthetic.generate_day(cfg.data.synthetic, "2026-01-01")
+  chunk = registry_lib.chunk_rows(24, 16)
+  assert chunk == 48
+  registry, changes = registry_lib.advance(
+      registry_lib.Registry.empty(), raw, 0,
+      registry_lib.RegistryConfig(min_count=1, expire_after_days=0, chunk=chunk, num_oov=1))
+  for name, vocab in registry.vocabs.items():
+    assert vocab.capacity % 16 == 0 and vocab.capacity >= 2 + len(vocab.ids), name
+  assert len(changes["item_id"].added) == len(np.unique(raw.interactions["item_id"]))
+  with pytest.raises(ValueError, match="already applied"):
+    registry_lib.advance(registry, raw, 0, registry_lib.RegistryConfig(1, 0, chunk, 1))
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def _prepare_day(root, date, config, parent_registry):
+  """A day's work directory as the nightly job lays it out: its registry, config and data."""
+  from launch import nightly_jobs
+  from two_tower.workdir import Workdir
+  day_dir = os.path.join(root, "days", date)
+  day_cfg = nightly_jobs.day_config(config, day_dir, date)
+  raw, _ = prepare.load_raw(day_cfg.data)
+  import datetime
+  registry, _ = registry_lib.advance(parent_registry, raw, datetime.date.fromisoformat(date).toordinal(),
+                                     nightly_jobs._registry_config(day_cfg))
+  registry.save(day_cfg.data.id_registry)
+  Workdir(day_dir).bind(day_cfg)
+  return day_dir, day_cfg, registry
+
+
+class _Trainer:
+  """The training step of a setup over fixed batches (the loop's pieces, without its files)."""
+
+  def __init__(self, setup):
+    import functools
+    import jax
+    from pipelines import loader
+    from two_tower import sharding
+    from two_tower.train import train_step
+    self.setup = setup
+    self.step_fn = jax.jit(functools.partial(train_step, graphdef=setup.graphdef, tx=setup.tx,
+                                             config=setup.config, mesh=setup.mesh),
+                           out_shardings=(setup.state_sharding, sharding.replicated(setup.mesh)))
+    split = loader.open_split(setup.data.record_source("train"), setup.data.schema.history_length)
+    cfg = setup.config.train
+    self.batches = list(loader.train_dataset(split, batch_size=cfg.batch_size,
+                                             num_examples=setup.num_examples, seed=setup.config.seed,
+                                             prefetch_buffer_size=0))
+    self.batch_sharding = sharding.batch_sharding(setup.mesh)
+
+  def run(self, state, steps):
+    import jax
+    for i in steps:
+      batch = {k: jax.device_put(v, self.batch_sharding) for k, v in self.batches[i].items()}
+      state, _ = self.step_fn(state, batch, self.setup.catalog)
+    return state
+
+
+def _numpy(tree):
+  import jax
+  from two_tower.trees import named_leaves
+  return {k: np.asarray(v) for k, v in named_leaves(jax.device_get(tree)).items()}
+
+
+@pytest.fixture(scope="module")
+def two_days(tmp_path_factory):
+  """Day 1 trained for 4 steps (checkpointed) and day 2 prepared, in a nightly layout."""
+  from two_tower.checkpoint import Checkpointer
+  from two_tower.train import setup_training
+  root = str(tmp_path_factory.mktemp("warm"))
+  config = tiny_nightly_config()
+  config.nightly.row_chunk = 8  # small chunks: day 2's new IDs grow the tables
+  day1, cfg1, reg1 = _prepare_day(root, "2026-01-01", config, registry_lib.Registry.empty())
+  setup1 = setup_training(cfg1, day1)
+  trainer1 = _Trainer(setup1)
+  state = trainer1.run(setup1.state, range(4))
+  checkpointer = Checkpointer(os.path.join(day1, "checkpoints"))
+  checkpointer.save(4, state, force=True)
+  checkpointer.wait()
+  day2, cfg2, reg2 = _prepare_day(root, "2026-01-02", config, reg1)
+  return dict(setup1=setup1, trainer1=trainer1, state=state, checkpointer=checkpointer,
+              reg1=reg1, reg2=reg2, setup2=setup_training(cfg2, day2))
+
+
+def test_warm_start_without_new_ids_continues_exactly(two_days):
+  from two_tower import warm_start
+  s = two_days["setup1"]
+  trainer = two_days["trainer1"]
+  uninterrupted = trainer.run(two_days["state"], range(4, 7))
+  # The same day's registry on both sides: no new IDs, every owned row carried.
+  tables = warm_start.table_vocabularies(s.data.schema)
+  carried = {v: registry_lib.carried_rows(two_days["reg1"].vocab(v), two_days["reg1"].vocab(v))
+             for v in set(tables.values())}
+  fresh = s.state  # a freshly initialised state of the same shapes
+  warm = warm_start.warm_start_state(two_days["checkpointer"], 4, s.data.schema, fresh,
+                                     s.state_sharding, s.config, s.tx, s.mesh, carried, tables)
+  assert int(warm.step) == 4
+  continued = trainer.run(warm, range(4, 7))
+  a, b = _numpy(uninterrupted.params), _numpy(continued.params)
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  moments_a, moments_b = _numpy(uninterrupted.opt_state), _numpy(continued.opt_state)
+  for name in moments_a:
+    if "/mu/" in name or "/nu/" in name or name.endswith("/0/count"):
+      np.testing.assert_array_equal(moments_a[name], moments_b[name], err_msg=name)
+  # The day's learning-rate schedule starts over; the parameters moved from the warm start.
+  counts = [v for k, v in moments_b.items() if k.endswith("count") and v.ndim == 0]
+  assert sorted(int(c) for c in counts) == [3, 7]
+  assert any(not np.array_equal(a[n], _numpy(warm.params)[n]) for n in a)
+
+
+def test_warm_start_growth_keeps_old_rows_and_slots_bit_identical(two_days):
+  from two_tower import warm_start
+  s1, s2 = two_days["setup1"], two_days["setup2"]
+  reg1, reg2 = two_days["reg1"], two_days["reg2"]
+  tables = warm_start.table_vocabularies(s2.data.schema)
+  carried = {v: registry_lib.carried_rows(reg1.vocab(v), reg2.vocab(v)) for v in set(tables.values())}
+  assert reg2.vocab("item_id").capacity > reg1.vocab("item_id").capacity  # the tables grew
+  grown = warm_start.warm_start_state(two_days["checkpointer"], 4, s1.data.schema, s2.state,
+                                      s2.state_sharding, s2.config, s2.tx, s2.mesh, carried, tables)
+  old, new, fresh = _numpy(two_days["state"]), _numpy(grown), _numpy(s2.state)
+  checked = 0
+  for name, value in new.items():
+    table = next((t for t in tables if f"tables/{t}/embedding" in name), None)
+    if table is None or value.ndim != 2:
+      if name != "step" and not name.endswith("count"):
+        np.testing.assert_array_equal(value, old[name], err_msg=name)  # dense layers carry over
+      continue
+    rows = carried[tables[table]]
+    assert value.shape[0] == len(rows) >= old[name].shape[0]
+    keep = np.flatnonzero(rows)
+    np.testing.assert_array_equal(value[keep], old[name][keep], err_msg=name)
+    new_rows = np.flatnonzero(~rows)
+    if name.startswith("params/"):
+      np.testing.assert_array_equal(value[new_rows], fresh[name][new_rows], err_msg=name)
+    else:
+      assert not value[new_rows].any(), name  # Adam's moments of new rows start at zero
+    checked += 1
+  assert checked >= 6
+  # Old IDs kept their rows, and trained rows really differ from a fresh model's.
+  old_item, new_item = reg1.vocab("item_id"), reg2.vocab("item_id")
+  kept = np.intersect1d(old_item.ids, new_item.ids)
+  np.testing.assert_array_equal(old_item.lookup(kept), new_item.lookup(kept))
+  name = "params/item_tower/embedding/tables/item_id/embedding"
+  assert not np.array_equal(new[name][old_item.lookup(kept)], fresh[name][old_item.lookup(kept)])
+
+
+# ----------------------------------------------------------------------------- the nightly job
+
+DAY1, DAY2 = "2026-01-01", "2026-01-02"
+
+
+class Crash(Exception):
+  """A simulated crash (kill) at a stage of the nightly job."""
+
+
+def crash_at(point):
+  def hook(stage):
+    if stage == point:
+      raise Crash(stage)
+  return hook
+
+
+def _copy(src, dst):
+  import shutil
+  shutil.copytree(src, dst, symlinks=True)
+  return str(dst)
+
+
+@pytest.fixture(scope="module")
+def after_day1(tmp_path_factory):
+  from launch import nightly_jobs
+  root = str(tmp_path_factory.mktemp("nightly") / "day1")
+  nightly_jobs.run_day(root, DAY1, tiny_nightly_config())
+  return root
+
+
+@pytest.fixture(scope="module")
+def after_day2(after_day1, tmp_path_factory):
+  from launch import nightly_jobs
+  root = _copy(after_day1, tmp_path_factory.mktemp("nightly2") / "day2")
+  nightly_jobs.run_day(root, DAY2)
+  return root
+
+
+def _summary(root, date):
+  with open(os.path.join(root, "days", date, "summary.json")) as f:
+    return json.load(f)
+
+
+def _final_params(root, date):
+  from two_tower.workdir import Workdir
+  return _numpy(Workdir(os.path.join(root, "days", date)).load_model().params)
+
+
+def test_days_are_recorded_published_and_warm_started(after_day1, after_day2):
+  first, second = _summary(after_day1, DAY1), _summary(after_day2, DAY2)
+  for key in ("published", "parent", "model_step", "num_users", "num_items", "new_users",
+              "new_items", "evicted", "metrics", "live_metrics", "index_version", "candidates",
+              "seconds"):
+    assert key in second, key
+  assert first["parent"] is None and first["live_metrics"] is None and first["published"]
+  assert second["published"] and second["parent"].endswith(f"days/{DAY1}/checkpoints/{first['model_step']}")
+  day_steps = second["model_step"] - first["model_step"]
+  assert day_steps > 0  # steps numbered on from the parent's
+  assert second["new_items"] > 0 and second["new_users"] > 0
+  assert second["metrics"].keys() == second["live_metrics"].keys()
+  assert second["metrics"]["recall@10"] != second["live_metrics"]["recall@10"]
+  assert set(second["seconds"]) == {"prepare", "train", "evaluate", "gate", "index", "candidates",
+                                    "publish"}
+  # Cold start: the index holds the whole catalog, items without interactions included.
+  assert second["cold_items"] > 0 and second["index"]["num_items"] == second["num_items"]
+  counts = second["candidates"]["counts"]
+  assert counts["users"] == second["num_users"] and counts["rows"] == 100 * counts["users"]
+  with open(os.path.join(after_day2, "LIVE.json")) as f:
+    live = json.load(f)
+  assert live["date"] == DAY2 and live["step"] == second["model_step"]
+  assert os.path.exists(os.path.join(live["candidates"], "_SUCCESS"))
+  # The report covers both days, with its plots as PNG files.
+  with open(os.path.join(after_day2, "report", "days.json")) as f:
+    assert [d["date"] for d in json.load(f)] == [DAY1, DAY2]
+  for name in ("index.html", "quality.png", "catalog.png", "seconds.png"):
+    with open(os.path.join(after_day2, "report", name), "rb") as f:
+      head = f.read(9)
+    assert head.startswith(b"\x89PNG" if name.endswith(".png") else b"<!doctype"), name
+
+
+def test_rerunning_a_finished_day_does_nothing_and_earlier_dates_are_refused(after_day2, tmp_path):
+  from conftest import run_module
+  from launch import nightly_jobs
+  root = _copy(after_day2, tmp_path / "w")
+  before = _summary(root, DAY2)
+  messages = []
+  assert nightly_jobs.run_day(root, DAY2, log=messages.append) == before
+  assert "already finished" in messages[0]
+  assert sorted(os.listdir(os.path.join(root, "days"))) == [DAY1, DAY2]
+  result = run_module("launch.nightly", f"--workdir={root}", "--date=2025-12-31", timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "earlier than 2026-01-02" in result.stderr and "Traceback" not in result.stderr
+  # A config that changes the model's shape is refused, naming the key.
+  config = tiny_nightly_config()
+  config.model.id_embedding_dim = 8
+  with pytest.raises(nightly_jobs.NightlyError, match="model.id_embedding_dim"):
+    nightly_jobs.run_day(root, "2026-01-03", config)
+
+
+def test_crash_in_training_then_rerun_applies_the_day_once(after_day1, after_day2, tmp_path):
+  from launch import nightly_jobs
+  root = _copy(after_day1, tmp_path / "w")
+  first_step = _summary(after_day1, DAY1)["model_step"]
+  crash_step = first_step + 6  # after the day's checkpoint at a multiple of 4 (checkpoint_every_steps)
+  with pytest.raises(Crash):
+    nightly_jobs.run_day(root, DAY2, hook=crash_at(f"train:{crash_step}"))
+  with open(os.path.join(root, "LIVE.json")) as f:
+    assert json.load(f)["date"] == DAY1  # nothing published
+  # The rerun resumes from the day's own checkpoint: the day's data is applied exactly once, so
+  # the model is bit for bit the one of an uninterrupted run.
+  summary = nightly_jobs.run_day(root, DAY2)
+  expected = _summary(after_day2, DAY2)
+  assert summary["model_step"] == expected["model_step"]
+  assert summary["metrics"] == expected["metrics"]
+  a, b = _final_params(root, DAY2), _final_params(after_day2, DAY2)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_crash_around_publishing_then_rerun_finishes_the_day(after_day1, after_day2, tmp_path):
+  from launch import nightly_jobs
+  root = _copy(after_day1, tmp_path / "w")
+  with pytest.raises(Crash):
+    nightly_jobs.run_day(root, DAY2, hook=crash_at("publish"))
+  with open(os.path.join(root, "LIVE.json")) as f:
+    assert json.load(f)["date"] == DAY1  # index and candidates built, not yet live
+  with pytest.raises(Crash):  # now past publishing, before the summary
+    nightly_jobs.run_day(root, DAY2, hook=crash_at("summary"))
+  with open(os.path.join(root, "LIVE.json")) as f:
+    assert json.load(f)["date"] == DAY2
+  assert not os.path.exists(os.path.join(root, "days", DAY2, "summary.json"))
+  summary = nightly_jobs.run_day(root, DAY2)
+  expected = _summary(after_day2, DAY2)
+  # Still warm-started from day 1 (the day's parent is fixed when it starts), same model.
+  assert summary["parent"] == expected["parent"].replace(after_day2, root)
+  assert summary["metrics"] == expected["metrics"] and summary["published"]
+  assert summary["index_version"] == "v000001"  # the index was built once
+
+
+def test_gate_failure_publishes_nothing_until_forced(after_day1, tmp_path):
+  from launch import nightly_jobs
+  root = _copy(after_day1, tmp_path / "w")
+  config = tiny_nightly_config()
+  config.optimizer.learning_rate = 1000.0  # allowed between days; wrecks today's model
+  with pytest.raises(nightly_jobs.GateFailed) as e:
+    nightly_jobs.run_day(root, DAY2, config)
+  summary = _summary(root, DAY2)
+  gate = summary["gate"]
+  assert not gate["passed"] and f"{gate['new']:.4f}" in str(e.value) and f"{gate['live']:.4f}" in str(e.value)
+  assert not summary["published"] and summary["index_version"] is None
+  with open(os.path.join(root, "LIVE.json")) as f:
+    assert json.load(f)["date"] == DAY1
+  day_dir = os.path.join(root, "days", DAY2)
+  assert os.listdir(os.path.join(day_dir, "checkpoints")) and not os.path.exists(os.path.join(day_dir, "index"))
+  # A rerun is a no-op; --force publishes it and says so.
+  assert not nightly_jobs.run_day(root, DAY2, config, log=lambda m: None)["published"]
+  forced = nightly_jobs.run_day(root, DAY2, config, force=True, log=lambda m: None)
+  assert forced["published"] and forced["forced"]
+  with open(os.path.join(root, "LIVE.json")) as f:
+    assert json.load(f)["date"] == DAY2
