@@ -79,6 +79,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.temperature = 0.1
   m.share_item_embeddings = False  # the history bag uses the item tower's item-ID table
   m.embedding_init_scale = 0.05  # uniform(-s, s), as Keras' default Embedding initializer
+  # float32 | bfloat16: the dtype of the towers' embedding lookups, matmuls and activations.
+  # Parameters and optimizer state stay float32, and tower outputs, the loss's logits and
+  # log-sum-exp, evaluation and index embeddings are float32 either way. It changes the trained
+  # model (slightly), so it is not a runtime key: a work directory keeps the one it started with.
+  m.compute_dtype = "float32"
 
   c.loss = l = ml_collections.ConfigDict()
   l.remove_accidental_hits = True

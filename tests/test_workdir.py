@@ -139,3 +139,17 @@ def test_atomic_writes_keep_the_old_file_on_failure(tmp_path):
   assert os.listdir(tmp_path / "out") == ["summary.json"]  # no temporary file left
   atomic.save_npy(str(tmp_path / "out" / "t.npy"), np.arange(3))
   np.testing.assert_array_equal(np.load(tmp_path / "out" / "t.npy"), np.arange(3))
+
+
+def test_a_key_added_since_a_workdir_was_recorded_compares_at_its_default(tmp_path):
+  config = tiny_config()
+  Workdir(str(tmp_path)).bind(config)
+  # A work directory recorded before model.compute_dtype existed still binds to the default...
+  recorded = json.load(open(tmp_path / "config.json"))
+  del recorded["model"]["compute_dtype"]
+  json.dump(recorded, open(tmp_path / "config.json", "w"))
+  Workdir(str(tmp_path)).bind(config)
+  # ... and, as it changes the trained model, another compute dtype is refused.
+  config.model.compute_dtype = "bfloat16"
+  with pytest.raises(UserError, match=r"model.compute_dtype: 'float32' -> 'bfloat16'"):
+    Workdir(str(tmp_path)).bind(config)

@@ -24,6 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.split.kind": splits.KINDS,
     "data.training_history": ("auto", "before", "others"),
     "data.cache": ("auto", "always", "never"),
+    "model.compute_dtype": ("float32", "bfloat16"),
     "loss.reduction": ("mean", "sum"),
     "optimizer.name": ("adam", "adamw", "adagrad", "sgd"),
     "optimizer.schedule": ("constant", "cosine", "warmup_cosine"),

@@ -167,6 +167,11 @@ def sampled_softmax_loss(
   log_count = jnp.log(counts)  # -inf where a candidate is absent from a shard
 
   def local_loss(q, cols, pos, log_count, log_q, w):
+    # The logits, their log-sum-exp and its custom backward pass run in float32 whatever the
+    # towers' compute dtype: with a temperature of 0.1 the logits span [-10, 10], where bfloat16's
+    # spacing (up to 0.06) is larger than the differences the softmax ranks by. The casts are
+    # no-ops for float32 embeddings (the towers' outputs are float32), and otherwise their
+    # transposes return the gradients in the embeddings' own dtype.
     q = q.astype(jnp.float32)
     log_q = log_q[0]
     # Each shard scores its rows against the same candidates; as a per-shard (varying) value,

@@ -86,6 +86,8 @@ class Workdir:
       return
     with open(self.config_path) as f:
       recorded = json.load(f)
+    # Keys added to configs/base.py since the directory was recorded compare at their defaults.
+    recorded = config_lib.with_defaults(ml_collections.ConfigDict(recorded))
     diffs = config_lib.diff(recorded, current, ignore=RUNTIME_KEYS)
     if diffs:
       raise WorkdirConfigError(
