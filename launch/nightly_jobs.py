@@ -106,6 +106,8 @@ class Lifecycle:
     if recorded is None:
       atomic.write_json(self.path("config.json"), json.loads(config.to_json()))
       return
+    # Keys added to configs/base.py since the first day compare at their defaults.
+    recorded = config_lib.with_defaults(ml_collections.ConfigDict(recorded))
     diffs = config_lib.diff(recorded, json.loads(config.to_json()), ignore=DAILY_KEYS)
     if diffs:
       raise NightlyError(
