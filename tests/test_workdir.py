@@ -107,9 +107,16 @@ def test_evaluator_compiles_once_for_every_call(workdir):
   first = evaluator(model.params)
   other = jax.block_until_ready(jax.tree.map(lambda x: x * 0.5, model.params))  # same shapes
   compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, seconds, **kw: compiles.append(event) if "backend_compile" in event else None)
-  second = evaluator(other)
+
+  def on_event(event, seconds, **kw):
+    del seconds, kw
+    if "backend_compile" in event:
+      compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    second = evaluator(other)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
   assert compiles == []
   assert first["recall@10"] != second["recall@10"] or first["ndcg@10"] != second["ndcg@10"]
 
