@@ -28,16 +28,17 @@ import glob
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import ml_collections
 import numpy as np
 import pyarrow.parquet as pq
 
-from launch import jobs, nightly_report
+from launch import jobs
 from pipelines.prepare import load_raw
 from two_tower import atomic, registry as registry_lib, sharding
+from two_tower import report as report_lib
 from two_tower import config as config_lib
 from two_tower import warm_start as warm_lib
 from two_tower.errors import UserError
@@ -384,5 +385,5 @@ def run_day(workdir: str, date: str, config: ml_collections.ConfigDict | None = 
 
 def _report(life: Lifecycle, config: ml_collections.ConfigDict) -> None:
   """DIR/report/ rebuilt from every finished day's summary."""
-  nightly_report.write_report(life.root, [life.summary(d) for d in life.finished()],
+  report_lib.write_report(life.root, [life.summary(d) for d in life.finished()],
                               config.gate.metric)
