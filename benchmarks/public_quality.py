@@ -10,6 +10,11 @@ validation split, and the best-validation state is evaluated on test, the user's
 validation items masked (recall = hits / |test items|, NDCG with binary gains). Prints one line
 per seed and, as its last line, one JSON object: means over seeds of recall/ndcg @10, @20, @50,
 the std of each, the validation metric, examples/s and training seconds.
+
+With --refit (the protocol the issue allows: choose on valid, then fit on all of train), each seed
+then trains again on the whole of train.txt (valid included) for the chosen number of epochs, with
+the same settings, and that model is the one tested; the fit-on-train-minus-valid model's test
+numbers are reported beside it as `fit_*`.
 """
 
 import json
@@ -34,6 +39,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with train/valid/te
                                 required=True)
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (0, 1, ...): model seeds; the split is "
                               "the data's.")
+_REFIT = flags.DEFINE_bool("refit", False, "After choosing the epoch on valid, retrain on all of "
+                           "train.txt for the same number of epochs and test that model.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go (seed-<n>/ and the prepared "
                                "data); default: a temporary directory, removed at the end.")
 
@@ -51,6 +58,17 @@ def _config(seed: int, data_dir: str, workdir: str):
     raise ConfigError("the config must choose its state on validation: set train.select_by and "
                      "train.eval_every_steps > 0")
   return config
+
+
+def _refit_config(config, workdir: str, epochs: float):
+  """The same settings fitted on the whole training file for `epochs` epochs, no validation."""
+  refit = config.copy_and_resolve_references()
+  refit.data.logs.validation_from_train = False
+  refit.data.logs.split_files.validation = ()
+  refit.data.data_dir = os.path.join(workdir, "data-refit")
+  refit.train.update(select_by="", eval_every_steps=0, early_stopping_evals=0, num_steps=-1,
+                     num_epochs=epochs)
+  return refit
 
 
 def _run(workdir: str) -> dict:
@@ -75,6 +93,15 @@ def _run(workdir: str) -> dict:
     test = jobs.evaluate(run_dir, "test")  # the best state by validation (train.select_by)
     best = summary["best_validation"] or {}
     run = {k: test[k] for k in REPORTED}
+    if _REFIT.value:
+      # The epoch count chosen on valid, as a step count of the train - valid build.
+      epochs = best["step"] * config.train.batch_size / schema.split_sizes["train"]
+      refit_dir = os.path.join(workdir, f"seed-{seed}-refit")
+      start = time.perf_counter()
+      train_and_evaluate(_refit_config(config, workdir, epochs), refit_dir)
+      refit_test = jobs.evaluate(refit_dir, "test")
+      run = {**{f"fit_{k}": v for k, v in run.items()}, **{k: refit_test[k] for k in REPORTED},
+             "refit_epochs": epochs, "refit_seconds": time.perf_counter() - start}
     run.update({f"validation_{config.train.select_by}": best.get(config.train.select_by),
                 "best_step": best.get("step"), "steps": summary["steps"],
                 "examples_per_s": summary["examples_per_s"], "train_seconds": train_s})
@@ -87,7 +114,7 @@ def _run(workdir: str) -> dict:
     if not values:
       continue
     out[key] = statistics.mean(values)
-    if key in REPORTED or key.startswith("validation_"):
+    if key.removeprefix("fit_") in REPORTED or key.startswith("validation_"):
       out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
   return out
 
