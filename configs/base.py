@@ -78,6 +78,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.l2_normalize = True
   m.temperature = 0.1
   m.share_item_embeddings = False  # the history bag uses the item tower's item-ID table
+  # concat | sum: how a tower combines its features' embeddings before the MLP. "sum" (every
+  # feature the same size) with user_id + a shared-table history and no MLP is SimpleX's user
+  # tower: the user's own vector plus the mean of the items they had.
+  m.combine_features = "concat"
   m.embedding_init_scale = 0.05  # uniform(-s, s), as Keras' default Embedding initializer
   # float32 | bfloat16: the dtype of the towers' embedding lookups, matmuls and activations.
   # Parameters and optimizer state stay float32, and tower outputs, the loss's logits and

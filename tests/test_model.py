@@ -156,3 +156,23 @@ def test_bfloat16_loss_and_gradients_are_close_to_float32():
     assert g16.dtype == jnp.float32
     error = float(jnp.linalg.norm(g16 - g32) / jnp.maximum(jnp.linalg.norm(g32), 1e-12))
     assert error < 5e-2, (g32.shape, error)
+
+
+def test_sum_combiner_adds_the_user_vector_and_the_history_mean():
+  cfg = _cfg(query_features=("user_id", "history"), item_features=("item_id",), hidden_dims=(),
+             output_dim=0, l2_normalize=False, temperature=1.0, share_item_embeddings=True,
+             combine_features="sum")
+  model = TwoTower(SCHEMA, cfg, rngs=nnx.Rngs(0))
+  query, _ = _batch()
+  users = np.asarray(model.query_tower.embedding.tables["user_id"].embedding.get_value())
+  items = np.asarray(model.item_tower.embedding.tables["item_id"].embedding.get_value())
+  want = users[[2, 3]] + np.stack([(items[3] + items[4]) / 2, np.zeros(items.shape[1])])
+  np.testing.assert_allclose(model.embed_queries(query), want, rtol=1e-6, atol=1e-7)
+  assert model.query_tower.output_dim == model.item_tower.output_dim == cfg.id_embedding_dim
+
+
+def test_sum_combiner_refuses_features_of_different_sizes():
+  with pytest.raises(ValueError, match=r"combine_features='sum'.*'age': 16"):
+    TwoTower(SCHEMA, _cfg(combine_features="sum", query_features=("user_id", "age"),
+                         item_features=("item_id",)),
+             rngs=nnx.Rngs(0))

@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.training_history": ("auto", "before", "others"),
     "data.cache": ("auto", "always", "never"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "model.combine_features": ("concat", "sum"),
     "loss.reduction": ("mean", "sum"),
     "optimizer.name": ("adam", "adamw", "adagrad", "sgd"),
     "optimizer.schedule": ("constant", "cosine", "warmup_cosine"),

@@ -12,6 +12,7 @@ logits and log-sum-exp, evaluation, the item index) sees float32 embeddings.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator, Mapping, Sequence
 
 import jax
@@ -56,14 +57,16 @@ def _embed(vocab_size: int, dim: int, scale: float, dtype: jnp.dtype, rngs: nnx.
 
 
 class FeatureEmbedding(nnx.Module):
-  """Embeds one tower's features and concatenates them: IDs and categories by lookup, token bags
-  (multi-valued features and the item history) by masked mean pooling, numbers as they are."""
+  """Embeds one tower's features and concatenates (or sums) them: IDs and categories by lookup,
+  token bags (multi-valued features and the item history) by masked mean pooling, numbers as they
+  are."""
 
   def __init__(self, features: Sequence[Feature], *, id_dim: int, feature_dim: int,
-               init_scale: float, dtype: jnp.dtype, rngs: nnx.Rngs,
+               init_scale: float, dtype: jnp.dtype, rngs: nnx.Rngs, combine: str = "concat",
                shared: Mapping[str, nnx.Embed] | None = None):
     self.features = tuple(features)
     self.dtype = dtype
+    self.combine = combine
     shared = shared or {}
     self.tables = nnx.Dict({
         f.name: shared.get(f.name) or _embed(
@@ -71,8 +74,14 @@ class FeatureEmbedding(nnx.Module):
             dtype, rngs)
         for f in self.features if f.kind != "numeric"
     })
-    self.output_dim = sum(
-        1 if f.kind == "numeric" else self.tables[f.name].features for f in self.features)
+    dims = [1 if f.kind == "numeric" else self.tables[f.name].features for f in self.features]
+    if combine == "sum" and len(set(dims)) > 1:
+      raise ConfigError(
+          "model.combine_features='sum' adds the features' embeddings, so they must have one size: "
+          f"{dict(zip((f.name for f in self.features), dims))}; use only ID and history features "
+          "(model.id_embedding_dim), set model.feature_embedding_dim to model.id_embedding_dim, or "
+          "combine by 'concat'")
+    self.output_dim = dims[0] if combine == "sum" else sum(dims)
 
   def __call__(self, features: Features) -> jax.Array:
     parts = []
@@ -89,6 +98,8 @@ class FeatureEmbedding(nnx.Module):
                      .astype(self.dtype))
       else:
         parts.append(self.tables[f.name](x))
+    if self.combine == "sum":
+      return functools.reduce(jnp.add, parts)
     return jnp.concatenate(parts, axis=-1)
 
 
@@ -100,7 +111,8 @@ class Tower(nnx.Module):
     dtype = jnp.dtype(cfg.compute_dtype)
     self.embedding = FeatureEmbedding(
         features, id_dim=cfg.id_embedding_dim, feature_dim=cfg.feature_embedding_dim,
-        init_scale=cfg.embedding_init_scale, dtype=dtype, rngs=rngs, shared=shared)
+        init_scale=cfg.embedding_init_scale, dtype=dtype, rngs=rngs,
+        combine=cfg.combine_features, shared=shared)
     dims = [self.embedding.output_dim, *cfg.hidden_dims]
     if cfg.output_dim > 0:
       dims.append(cfg.output_dim)
