@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pipelines import records, sources, splits, synthetic
+from pipelines import logs, records, sources, splits, synthetic
 from pipelines.schema import PAD, Feature, Schema
 from pipelines.sources import DataError, RawData
 from pipelines.vocab import Vocabulary
@@ -150,22 +150,26 @@ def _feature_table(raw_col, entity_in_train: np.ndarray, kind: str, cfg, name: s
   return vocab.lookup(col), dict(vocab_size=vocab.size, length=1)
 
 
+_NOT_WEIGHTS = ("user_id", "item_id", "user_row", "item_row", "split")
+
+
 def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict,
                    registry: Registry | None = None) -> _Prepared:
   """Everything except writing: split, vocabularies, tables and history order. With an ID
   registry (config.data.id_registry), IDs and tokens take its rows instead of vocabularies of
   this data alone."""
   inter = raw.interactions
-  user_catalog = _Catalog(raw.users["user_id"], "user")
-  item_catalog = _Catalog(raw.items["item_id"], "item")
-  user = user_catalog.rows(inter["user_id"])
-  item = item_catalog.rows(inter["item_id"])
+  if "user_row" in inter:  # the source gives table rows (pipelines.logs)
+    user, item = inter["user_row"], inter["item_row"]
+  else:
+    user = _Catalog(raw.users["user_id"], "user").rows(inter["user_id"])
+    item = _Catalog(raw.items["item_id"], "item").rows(inter["item_id"])
   timestamp = np.asarray(inter["timestamp"], np.int64)
   weight = np.asarray(inter["weight"], np.float32)
   if cfg.weight_column:
     if cfg.weight_column not in inter:
       raise DataError(f"data.weight_column={cfg.weight_column!r} is not a column of this source; "
-                      f"available: {sorted(k for k in inter if k not in ('user_id', 'item_id', 'split'))}")
+                      f"available: {sorted(k for k in inter if k not in _NOT_WEIGHTS)}")
     weight = np.asarray(inter[cfg.weight_column], np.float32)
   split = splits.assign(user, timestamp, cfg.split, given=inter.get("split"))
   train = split == splits.TRAIN
@@ -354,7 +358,7 @@ def load_raw(cfg: ml_collections.ConfigDict) -> tuple[RawData, Any]:
     return synthetic.generate(cfg.synthetic)
   if cfg.source == "movielens_100k":
     return sources.movielens_100k(cfg.source_dir), None
-  return sources.interaction_logs(cfg.logs, cfg.source_dir), None
+  return logs.interaction_logs(cfg.logs, cfg.source_dir), None
 
 
 class Synthetic(_InteractionBuilder, skip_registration=True):

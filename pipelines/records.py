@@ -2,10 +2,11 @@
 
 The files are the ones TFDS's GeneratorBasedBuilder writes for the same (key, example) pairs: the
 same `tf.train.Example` encoding, the same order (ascending md5 of the key salted with the split
-name, TFDS's shuffle), the same shard count and names, the same ArrayRecord options; only the order
-of the features inside an example is fixed here (TFDS's varies between processes). TFDS encodes and
-serializes each example in Python (about 100 us each); here a block of examples is one set of array
-operations, which leaves writing the records as the main cost.
+name, TFDS's shuffle), the same shard count and names. Two differences: the order of the features
+inside an example is fixed here (TFDS's varies between processes), and records are not compressed
+(see _ARRAY_RECORD_OPTIONS). TFDS encodes and serializes each example in Python (about 100 us
+each); here a block of examples is one set of array operations, which leaves writing the records
+as the main cost.
 
 An example holds, per `pipelines.prepare.example_features`: user_index, item_index, timestamp
 (int64 lists), weight (a float list) and history (an int64 list of history_length values).
@@ -26,7 +27,10 @@ from tensorflow_datasets.core.utils import shard_utils
 # from one process to the next (a hash map); a fixed order makes the files deterministic.
 FEATURE_ORDER = ("user_index", "item_index", "timestamp", "weight", "history")
 _INT_FEATURE, _FLOAT_FEATURE = 0x1A, 0x12  # Feature.int64_list (field 3) / float_list (field 2)
-_ARRAY_RECORD_OPTIONS = "group_size:1"  # TFDS's: one record per chunk, for random access
+# One record per chunk for random access, as TFDS writes; uncompressed, unlike TFDS's default zstd:
+# compressing each ~160-byte record on its own takes ~60 us and gives a larger file, not a smaller
+# one (chunk overhead). Readers take either: the chunk header names its compression.
+_ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
 BLOCK = 65536  # examples serialized at once
 
 Columns = dict[str, np.ndarray]  # FEATURE_ORDER -> [n] (history: [n, history_length])
