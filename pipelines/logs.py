@@ -119,8 +119,8 @@ def _file_schema(path: str, fmt: str, delimiter: str) -> dict[str, pa.DataType]:
                              parse_options=pa_csv.ParseOptions(delimiter=delimiter))
     return {name: pa.string() for name in reader.schema.names}
   except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
-    raise DataError(f"cannot read {path} as {fmt}: {e}. The file is corrupt or truncated (or not "
-                    f"{fmt}): rewrite it, or remove it from data.logs.files") from e
+    raise DataError(f"cannot read {path} as {fmt}: the file is corrupt, truncated or not {fmt} "
+                    f"(rewrite it, or remove it from data.logs.files). The reader says: {e}") from e
 
 
 def _check_schemas(schemas: dict[str, dict[str, pa.DataType]], needed: dict[str, str]) -> None:
@@ -171,8 +171,8 @@ def _batches(path: str, fmt: str, delimiter: str, columns: list[str]
       row += batch.num_rows
   except (pa.ArrowInvalid, OSError) as e:
     raise DataError(
-        f"cannot read {path} as {fmt} (after {row} good rows): {e}. The file is corrupt or "
-        "truncated: rewrite it, or remove it from data.logs.files") from e
+        f"cannot read {path} as {fmt} after row {row}: the file is corrupt or truncated (rewrite "
+        f"it, or remove it from data.logs.files). The reader says: {e}") from e
 
 
 def _first_bad(values: list, ok) -> int:
