@@ -37,15 +37,22 @@ Columns = dict[str, np.ndarray]  # FEATURE_ORDER -> [n] (history: [n, history_le
 Segment = tuple[np.ndarray, np.ndarray]  # bytes [n, width] uint8, and which of them are used
 
 
-def _varint_sizes(values: np.ndarray) -> np.ndarray:
-  """Bytes of each value as a protobuf varint (negative int64: 10, as two's complement)."""
+def _unsigned(values: np.ndarray) -> np.ndarray:
+  """The values as the unsigned integers protobuf encodes (negative int64: two's complement), in
+  32 bits when they fit (half the work)."""
   v = values.astype(np.int64).view(np.uint64)
+  return v.astype(np.uint32) if v.size == 0 or int(v.max()) < 1 << 32 else v
+
+
+def _varint_sizes(values: np.ndarray) -> np.ndarray:
+  """Bytes of each value as a protobuf varint (negative int64: 10)."""
+  v = _unsigned(values)
   sizes = np.ones(v.shape, np.int64)
   largest = int(v.max()) if v.size else 0
   for k in range(1, 10):
     if largest < 1 << (7 * k):
       break
-    sizes += v >= np.uint64(1 << (7 * k))
+    sizes += v >= v.dtype.type(1 << (7 * k))
   return sizes
 
 
@@ -56,8 +63,9 @@ def _varint(values: np.ndarray) -> Segment:
   sizes = _varint_sizes(values)[..., None]
   width = int(sizes.max()) if sizes.size else 1
   byte = np.arange(width)
-  v = values.astype(np.int64).view(np.uint64)[..., None]
-  groups = ((v >> (byte.astype(np.uint64) * np.uint64(7))) & np.uint64(0x7F)).astype(np.uint8)
+  v = _unsigned(values)[..., None]
+  shifts = (byte * 7).astype(v.dtype)
+  groups = ((v >> shifts) & v.dtype.type(0x7F)).astype(np.uint8)
   groups |= np.where(byte < sizes - 1, 0x80, 0).astype(np.uint8)
   n = len(values)
   return groups.reshape(n, -1), (byte < sizes).reshape(n, -1)
