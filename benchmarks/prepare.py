@@ -1,9 +1,11 @@
 """Data preparation throughput and peak memory: synthetic logs of N interactions and Gowalla.
 
   python benchmarks/prepare.py [--sizes=1000000,10000000] [--format=parquet] \
-      [--gowalla_dir=../shared/data/gowalla] [--profile=200000]
+      [--gowalla_dir=../shared/data/gowalla] [--reference_size=200000] [--profile=200000]
 
-For each size, writes synthetic interaction logs (Parquet or CSV files, power-law item popularity,
+First the reference: the same synthetic input of --reference_size interactions prepared by the
+code of --reference_commit (the last commit before streaming and block serialization, exported with
+`git archive`) and by this code, and the speed-up between the two. Then, for each size, writes synthetic interaction logs (Parquet or CSV files, power-law item popularity,
 N/10 users and N/20 items, an item category column) to a temporary directory, then prepares them
 in a fresh child process (so that each case's peak RSS is its own) and prints examples/s, seconds
 per stage and peak RSS. Gowalla (the NGCF/LightGCN adjacency files, about 1M interactions) is
@@ -41,6 +43,13 @@ _FILES = flags.DEFINE_integer("files", 4, "Files the synthetic logs are written 
 _GOWALLA_DIR = flags.DEFINE_string("gowalla_dir", gowalla.DEFAULT_DIR,
                                    "Gowalla directory ('' to skip).")
 _PROFILE = flags.DEFINE_integer("profile", 0, "Profile one run of this many interactions instead.")
+_REFERENCE_COMMIT = flags.DEFINE_string(
+    "reference_commit", "b9f4841",
+    "The reference: this commit's preparation (before pipelines/records.py and pipelines/logs.py), "
+    "run from `git archive` of it on the same input; '' to skip.")
+_REFERENCE_SIZE = flags.DEFINE_integer(
+    "reference_size", 200_000, "Synthetic interactions prepared by both the reference and this "
+    "code (the reference takes about 20 s per 100k here).")
 _CASE = flags.DEFINE_string("case", "", "Internal: prepare this JSON case in this process.")
 
 
@@ -120,12 +129,33 @@ def run_case(case: dict) -> dict:
               examples_per_s=examples / seconds, stage_seconds=stages, peak_rss_gib=peak / 2**30)
 
 
-def in_child(case: dict) -> dict:
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--case={json.dumps(case)}"],
-                       capture_output=True, text=True)
+def in_child(case: dict, root: str = _ROOT) -> dict:
+  """Runs one case in a fresh process, with the code of the repository at `root`."""
+  script = os.path.join(root, "benchmarks", "prepare.py")
+  out = subprocess.run([sys.executable, script, f"--case={json.dumps(case)}"], cwd=root,
+                       env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f"case {case['name']} failed:\n{out.stderr[-4000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def reference_tree(commit: str, directory: str) -> str:
+  """The repository at `commit`, with this benchmark added to it (to run its cases)."""
+  os.makedirs(directory)
+  archive = subprocess.run(["git", "-C", _ROOT, "archive", commit], check=True, capture_output=True)
+  subprocess.run(["tar", "-x", "-C", directory], input=archive.stdout, check=True)
+  os.makedirs(os.path.join(directory, "benchmarks"), exist_ok=True)
+  with open(os.path.abspath(__file__)) as src, \
+      open(os.path.join(directory, "benchmarks", "prepare.py"), "w") as dst:
+    dst.write(src.read())
+  return directory
+
+
+def report(r: dict) -> None:
+  stages = ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_seconds"].items())
+  print(f"{r['name']}: {r['examples']:,} examples in {r['seconds']:.1f} s = "
+        f"{r['examples_per_s']:,.0f} examples/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
+        + (f" ({stages})" if stages else ""), flush=True)
 
 
 def main(argv):
@@ -143,6 +173,22 @@ def main(argv):
       pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
       print(json.dumps(result))
       return
+    summary = dict(format=_FORMAT.value)
+    if _REFERENCE_COMMIT.value and _REFERENCE_SIZE.value:
+      directory = os.path.join(tmp, "reference_logs")
+      os.makedirs(directory)
+      case = dict(kind="synthetic", name=f"synthetic_{_REFERENCE_SIZE.value}",
+                  paths=write_logs(directory, _REFERENCE_SIZE.value, _FORMAT.value, _FILES.value),
+                  format=_FORMAT.value)
+      root = reference_tree(_REFERENCE_COMMIT.value, os.path.join(tmp, "reference_code"))
+      reference = in_child(dict(case, name=f"reference ({_REFERENCE_COMMIT.value}) {case['name']}"),
+                           root)
+      ours = in_child(case)
+      report(reference)
+      report(ours)
+      ratio = ours["examples_per_s"] / reference["examples_per_s"]
+      print(f"speed-up over the reference on the same input: {ratio:.1f}x", flush=True)
+      summary.update(reference=reference, reference_ours=ours, speedup=ratio)
     cases = []
     for size in map(int, _SIZES.value):
       directory = os.path.join(tmp, f"logs_{size}")
@@ -155,12 +201,12 @@ def main(argv):
     results = []
     for case in cases:
       r = in_child(case)
-      stages = ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_seconds"].items())
-      print(f"{r['name']}: {r['examples']:,} examples in {r['seconds']:.1f} s = "
-            f"{r['examples_per_s']:,.0f} examples/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
-            + (f" ({stages})" if stages else ""), flush=True)
+      report(r)
       results.append(r)
-  print(json.dumps(dict(format=_FORMAT.value, results=results)))
+      for path in case.get("paths", ()):
+        os.remove(path)  # the next case's files need the room
+    summary["results"] = results
+  print(json.dumps(summary))
 
 
 if __name__ == "__main__":
