@@ -65,12 +65,19 @@ def log_files(cfg, base_dir: str = "") -> list[tuple[str, int | None]]:
 
 
 class _Dictionary:
-  """Distinct string values in order of first appearance; a batch of values -> int32 codes."""
+  """Distinct values in order of first appearance; a batch of values -> int32 codes. Integer
+  values are kept as integers (hashing them is far cheaper than hashing their text), anything
+  else as strings; `values()` gives their text either way, as str() does."""
 
   def __init__(self):
-    self._values = pa.array([], pa.string())
+    self._values: pa.Array | None = None
 
   def encode(self, values: pa.Array) -> np.ndarray:
+    values = values.cast(pa.int64()) if pa.types.is_integer(values.type) else values
+    if self._values is None:
+      self._values = pa.array([], values.type)
+    if values.type != self._values.type:  # integers in one batch, text in another
+      self._values, values = self._values.cast(pa.string()), values.cast(pa.string())
     distinct = pc.unique(values)
     new = distinct.filter(pc.invert(pc.is_in(distinct, value_set=self._values)))
     if len(new):
@@ -78,7 +85,9 @@ class _Dictionary:
     return pc.index_in(values, value_set=self._values).to_numpy(zero_copy_only=False).astype(np.int32)
 
   def values(self) -> np.ndarray:
-    return self._values.to_numpy(zero_copy_only=False).astype(str)
+    if self._values is None:
+      return np.array([], str)
+    return self._values.cast(pa.string()).to_numpy(zero_copy_only=False).astype(str)
 
 
 def _sorted_codes(codes: np.ndarray, dictionary: _Dictionary) -> tuple[np.ndarray, np.ndarray]:
@@ -207,12 +216,14 @@ class _Column:
       return self.row0 + int(np.argmax(self.values.is_null().to_numpy(zero_copy_only=False))) + 1
     return None
 
-  def strings(self, what: str) -> pa.Array:
+  def ids(self, what: str) -> pa.Array:
     row = self._null_row()
     if row is not None:
       raise DataError(f"column {self.name!r} of {self.path} has no value at row {row}: every "
                       f"interaction needs its {what}; fill or drop those rows")
-    return self.values if pa.types.is_string(self.values.type) else pc.cast(self.values, pa.string())
+    if pa.types.is_integer(self.values.type) or pa.types.is_string(self.values.type):
+      return self.values
+    return pc.cast(self.values, pa.string())
 
   def integers(self) -> np.ndarray:
     try:
@@ -244,6 +255,8 @@ class _Column:
     return values.astype(np.float32)
 
   def categories(self) -> pa.Array:
+    if pa.types.is_integer(self.values.type) and not self.values.null_count:
+      return self.values
     return pc.fill_null(pc.cast(self.values, pa.string()), "None")  # as str(None) always did
 
   def bags(self) -> pa.Array:
@@ -362,8 +375,8 @@ def interaction_logs(cfg, base_dir: str = "") -> RawData:
       num_rows = 0
       for row0, batch in _batches(path, fmt, delimiter, list(needed)):
         column = lambda name: _Column(batch, name, path, row0)
-        add("user", ids["user"].encode(column(cfg.user_id).strings("user ID")))
-        add("item", ids["item"].encode(column(cfg.item_id).strings("item ID")))
+        add("user", ids["user"].encode(column(cfg.user_id).ids("user ID")))
+        add("item", ids["item"].encode(column(cfg.item_id).ids("item ID")))
         add("timestamp", column(cfg.timestamp).integers())
         if cfg.weight:
           add("weight", column(cfg.weight).numbers())
@@ -402,7 +415,7 @@ def interaction_logs(cfg, base_dir: str = "") -> RawData:
   def per_entity(codes: np.ndarray, id_values: np.ndarray, side: str
                  ) -> tuple[dict[str, Any], np.ndarray]:
     # One row per entity, in ID order; its features come from its latest interaction row.
-    order = np.lexsort((timestamps, codes))
+    order = splits.order_by(codes, timestamps)
     last = np.r_[codes[order][1:] != codes[order][:-1], True]
     rows = order[last]
     row_of_code = np.full(len(id_values), -1, np.int32)

@@ -202,7 +202,7 @@ def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict,
 
   # Training interactions by (user, time): the source of every history bag.
   train_idx = np.flatnonzero(train)
-  train_order = train_idx[np.lexsort((train_idx, timestamp[train_idx], user[train_idx]))]
+  train_order = train_idx[splits.order_by(user[train_idx], timestamp[train_idx])]
   sorted_user = user[train_order]
   starts = np.r_[0, np.flatnonzero(sorted_user[1:] != sorted_user[:-1]) + 1]
   sizes = np.diff(np.r_[starts, len(train_order)])

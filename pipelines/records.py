@@ -146,7 +146,11 @@ def tfds_order(keys: np.ndarray, split_name: str) -> np.ndarray:
     md5.update(str(key).encode())
     digests += md5.digest()
   words = np.frombuffer(bytes(digests), ">u8").reshape(-1, 2)
-  return np.lexsort((words[:, 1], words[:, 0]))
+  order = np.argsort(words[:, 0], kind="stable")
+  high = words[order, 0]
+  if (high[1:] == high[:-1]).any():  # equal first 64 bits: a 1 in 2^64 chance per pair
+    return np.lexsort((words[:, 1], words[:, 0]))
+  return order
 
 
 def write_split(filename_template, split_name: str, keys: np.ndarray,

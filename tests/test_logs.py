@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs.base import get_base_config
-from pipelines import logs
+from pipelines import logs, splits
 from pipelines.prepare import prepare
 from pipelines.sources import DataError
 
@@ -176,3 +176,12 @@ def test_empty_file_among_valid_ones_is_refused(tmp_path, existing_build, conten
   empty.write_text(content)
   _refused(tmp_path, existing_build, _cfg([a, str(empty), b], "csv"),
            rf"input file {empty} (is empty|has a header but no rows)")
+
+
+@pytest.mark.parametrize("minor", ["small_ints", "huge_ints", "floats"])
+def test_order_by_is_lexsort(minor):
+  rng = np.random.default_rng(0)
+  major = rng.integers(0, 30, 2000)
+  values = dict(small_ints=rng.integers(-5, 5, 2000), huge_ints=rng.integers(-2**62, 2**62, 2000),
+                floats=rng.random(2000).round(2))[minor]
+  np.testing.assert_array_equal(splits.order_by(major, values), np.lexsort((values, major)))
