@@ -4,7 +4,8 @@ One TFDS builder per source (`synthetic`, `movielens_100k`, `logs`). Each build 
 `<data_dir>/<source>/<config hash>/1.0.0/`: the config hash covers every setting that changes the
 data, so a changed setting means a new build and an unchanged one reuses the old. TFDS builds into
 an `incomplete.*` directory and renames it when done, so a crash never leaves a build that looks
-complete; the feature tables are written inside that same directory.
+complete; the feature tables are written inside that same directory. The examples are written by
+pipelines/records.py (the files TFDS's own writer makes, serialized in numpy blocks).
 
 What a build holds:
   * ArrayRecord splits `train` / `validation` / `test`: one example per interaction with
