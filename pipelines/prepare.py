@@ -4,7 +4,8 @@ One TFDS builder per source (`synthetic`, `movielens_100k`, `logs`). Each build 
 `<data_dir>/<source>/<config hash>/1.0.0/`: the config hash covers every setting that changes the
 data, so a changed setting means a new build and an unchanged one reuses the old. TFDS builds into
 an `incomplete.*` directory and renames it when done, so a crash never leaves a build that looks
-complete; the feature tables are written inside that same directory.
+complete; the feature tables are written inside that same directory. The examples are written by
+pipelines/records.py (the files TFDS's own writer makes, serialized in numpy blocks).
 
 What a build holds:
   * ArrayRecord splits `train` / `validation` / `test`: one example per interaction with
@@ -22,16 +23,18 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import hashlib
 import json
 import os
-from typing import Any, Iterator
+import time
+from typing import Any
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pipelines import sources, splits, synthetic
+from pipelines import logs, records, sources, splits, synthetic
 from pipelines.schema import PAD, Feature, Schema
 from pipelines.sources import DataError, RawData
 from pipelines.vocab import Vocabulary
@@ -109,6 +112,7 @@ class _Prepared:
   split: np.ndarray
   train_order: np.ndarray  # training interactions sorted by (user, time)
   train_user_start: np.ndarray  # per position of train_order: where that user's run starts
+  train_position: np.ndarray  # per interaction: its position in train_order (training ones only)
   item_id_index: np.ndarray  # item row -> item-ID vocabulary index
 
 
@@ -147,22 +151,26 @@ def _feature_table(raw_col, entity_in_train: np.ndarray, kind: str, cfg, name: s
   return vocab.lookup(col), dict(vocab_size=vocab.size, length=1)
 
 
+_NOT_WEIGHTS = ("user_id", "item_id", "user_row", "item_row", "split")
+
+
 def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict,
                    registry: Registry | None = None) -> _Prepared:
   """Everything except writing: split, vocabularies, tables and history order. With an ID
   registry (config.data.id_registry), IDs and tokens take its rows instead of vocabularies of
   this data alone."""
   inter = raw.interactions
-  user_catalog = _Catalog(raw.users["user_id"], "user")
-  item_catalog = _Catalog(raw.items["item_id"], "item")
-  user = user_catalog.rows(inter["user_id"])
-  item = item_catalog.rows(inter["item_id"])
+  if "user_row" in inter:  # the source gives table rows (pipelines.logs)
+    user, item = inter["user_row"], inter["item_row"]
+  else:
+    user = _Catalog(raw.users["user_id"], "user").rows(inter["user_id"])
+    item = _Catalog(raw.items["item_id"], "item").rows(inter["item_id"])
   timestamp = np.asarray(inter["timestamp"], np.int64)
   weight = np.asarray(inter["weight"], np.float32)
   if cfg.weight_column:
     if cfg.weight_column not in inter:
       raise DataError(f"data.weight_column={cfg.weight_column!r} is not a column of this source; "
-                      f"available: {sorted(k for k in inter if k not in ('user_id', 'item_id', 'split'))}")
+                      f"available: {sorted(k for k in inter if k not in _NOT_WEIGHTS)}")
     weight = np.asarray(inter[cfg.weight_column], np.float32)
   split = splits.assign(user, timestamp, cfg.split, given=inter.get("split"))
   train = split == splits.TRAIN
@@ -195,7 +203,7 @@ def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict,
 
   # Training interactions by (user, time): the source of every history bag.
   train_idx = np.flatnonzero(train)
-  train_order = train_idx[np.lexsort((train_idx, timestamp[train_idx], user[train_idx]))]
+  train_order = train_idx[splits.order_by(user[train_idx], timestamp[train_idx])]
   sorted_user = user[train_order]
   starts = np.r_[0, np.flatnonzero(sorted_user[1:] != sorted_user[:-1]) + 1]
   sizes = np.diff(np.r_[starts, len(train_order)])
@@ -217,40 +225,30 @@ def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict,
                           length=length))
   split_sizes = {name: int((split == k).sum()) for k, name in enumerate(splits.SPLIT_NAMES)}
   schema = Schema(tuple(features), num_users, num_items, length, split_sizes)
+  train_position = np.zeros(len(user), np.int64)
+  train_position[train_order] = np.arange(len(train_order))
   return _Prepared(schema, tables, user, item, timestamp, weight, split, train_order,
-                   train_user_start, item_id_index)
+                   train_user_start, train_position, item_id_index)
 
 
-def _examples(prep: _Prepared, split_id: int, training_history: str,
-              block: int = 65536) -> Iterator[tuple[int, dict]]:
-  length = prep.schema.history_length
-  user_history = prep.tables["user.history"]
-  if split_id == splits.TRAIN and training_history == "others":
-    # The query the model is evaluated with (the user's latest training items), minus the target.
-    for idx in np.flatnonzero(prep.split == split_id).tolist():
-      history = user_history[prep.user[idx]].copy()
-      history[history == prep.item_id_index[prep.item[idx]]] = PAD
-      yield idx, _example(prep, idx, history)
-  elif split_id == splits.TRAIN:
+def _example_columns(prep: _Prepared, split_id: int, training_history: str,
+                     idx: np.ndarray) -> records.Columns:
+  """The examples of interactions `idx` (all of split `split_id`), as columns."""
+  user, item = prep.user[idx], prep.item[idx]
+  if split_id == splits.TRAIN and training_history == "before":
     # History of a training interaction: the same user's training items strictly before it.
-    order = prep.train_order
-    sorted_items = prep.item_id_index[prep.item[order]]
-    lags = np.arange(1, length + 1)
-    for lo in range(0, len(order), block):
-      pos = np.arange(lo, min(lo + block, len(order)))
-      src = pos[:, None] - lags[None, :]
-      valid = src >= prep.train_user_start[pos][:, None]
-      hist = np.where(valid, sorted_items[np.maximum(src, 0)], PAD).astype(np.int32)
-      for j, idx in enumerate(order[pos].tolist()):
-        yield idx, _example(prep, idx, hist[j])
+    pos = prep.train_position[idx]
+    src = pos[:, None] - np.arange(1, prep.schema.history_length + 1)[None, :]
+    valid = src >= prep.train_user_start[pos][:, None]
+    sorted_items = prep.item_id_index[prep.item[prep.train_order[np.maximum(src, 0)]]]
+    history = np.where(valid, sorted_items, PAD).astype(np.int32)
   else:
-    for idx in np.flatnonzero(prep.split == split_id).tolist():
-      yield idx, _example(prep, idx, user_history[prep.user[idx]])
-
-
-def _example(prep: _Prepared, idx: int, history: np.ndarray) -> dict:
-  return dict(user_index=int(prep.user[idx]), item_index=int(prep.item[idx]),
-              timestamp=int(prep.timestamp[idx]), weight=float(prep.weight[idx]), history=history)
+    history = prep.tables["user.history"][user]
+    if split_id == splits.TRAIN:  # "others"
+      # The query the model is evaluated with (the user's latest training items), minus the target.
+      history = np.where(history == prep.item_id_index[item][:, None], PAD, history)
+  return dict(user_index=user, item_index=item, timestamp=prep.timestamp[idx],
+              weight=prep.weight[idx], history=history.astype(np.int32))
 
 
 def _write_side_files(prep: _Prepared, path: str, planted) -> None:
@@ -307,18 +305,49 @@ class _InteractionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         builder=self, description=self.__doc__,
         features=example_features(self._settings.history_length))
 
-  def _split_generators(self, dl_manager):
+  def _generate_splits(self, dl_manager, download_config):
+    """Writes the splits with pipelines.records (TFDS's files, serialized in blocks) instead of
+    TFDS's per-example writer; `stage_seconds` records where the time went."""
+    del dl_manager, download_config
     cfg = self._settings
+    clock = _Stopwatch()
     raw, planted = self._load(cfg)
+    clock.lap("read")
     registry = Registry.load(cfg.id_registry) if cfg.get("id_registry") else None
     prep = prepare_arrays(raw, cfg, registry)
+    del raw
+    clock.lap("arrays")
     _write_side_files(prep, self.data_dir, planted)  # self.data_dir is the incomplete.* directory
+    clock.lap("tables")
     mode = training_history_mode(cfg)
-    return {name: _examples(prep, k, mode) for k, name in enumerate(splits.SPLIT_NAMES)
-            if prep.schema.split_sizes[name] > 0}
+    infos = []
+    for k, name in enumerate(splits.SPLIT_NAMES):
+      if prep.schema.split_sizes[name] > 0:
+        infos.append(records.write_split(
+            self._get_filename_template(split_name=name), name, np.flatnonzero(prep.split == k),
+            functools.partial(_example_columns, prep, k, mode)))
+    clock.lap("examples")
+    self.stage_seconds = clock.seconds
+    return infos
 
-  def _generate_examples(self, *args):  # the generators come from _split_generators
+  def _split_generators(self, dl_manager):  # _generate_splits writes the splits
     raise NotImplementedError
+
+  def _generate_examples(self, *args):
+    raise NotImplementedError
+
+
+class _Stopwatch:
+  """Seconds spent in each named stage."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self._last = time.perf_counter()
+
+  def lap(self, stage: str) -> None:
+    now = time.perf_counter()
+    self.seconds[stage] = now - self._last
+    self._last = now
 
 
 def load_raw(cfg: ml_collections.ConfigDict) -> tuple[RawData, Any]:
@@ -330,7 +359,7 @@ def load_raw(cfg: ml_collections.ConfigDict) -> tuple[RawData, Any]:
     return synthetic.generate(cfg.synthetic)
   if cfg.source == "movielens_100k":
     return sources.movielens_100k(cfg.source_dir), None
-  return sources.interaction_logs(cfg.logs, cfg.source_dir), None
+  return logs.interaction_logs(cfg.logs, cfg.source_dir), None
 
 
 class Synthetic(_InteractionBuilder, skip_registration=True):

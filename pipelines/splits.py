@@ -18,6 +18,19 @@ def split_id(name: str) -> int:
   return SPLIT_NAMES.index(name)
 
 
+def order_by(major: np.ndarray, minor: np.ndarray) -> np.ndarray:
+  """The indices that sort rows by (major, minor), ties in row order: np.lexsort((minor, major))
+  at a fraction of the cost. `major` holds non-negative integers (rows of a table)."""
+  major = np.asarray(major)
+  if len(major) and minor.dtype.kind in "iu":
+    low, span = int(minor.min()), int(minor.max()) - int(minor.min()) + 1
+    if span * (int(major.max()) + 1) < 1 << 62:  # one integer key
+      key = major.astype(np.int64) * span + (minor.astype(np.int64) - low)
+      return np.argsort(key, kind="stable")
+  order = np.argsort(minor, kind="stable")
+  return order[np.argsort(major[order], kind="stable")]
+
+
 def _ratio_counts(n: np.ndarray, ratios) -> tuple[np.ndarray, np.ndarray]:
   """Per-group validation and test counts for a train:valid:test ratio (RecBole's rounding)."""
   r = np.asarray(ratios, np.float64) / np.sum(ratios)
@@ -51,9 +64,9 @@ def assign(user: np.ndarray, timestamp: np.ndarray, cfg, given: np.ndarray | Non
     return out
   # Per-user kinds: order each user's interactions (randomly or by time), then cut from the end.
   if cfg.kind == "per_user_ratio":
-    order = np.lexsort((rng.random(n), user))
+    order = order_by(user, rng.random(n))
   elif cfg.kind == "temporal_last_n":
-    order = np.lexsort((np.arange(n), timestamp, user))
+    order = order_by(user, timestamp)
   else:
     raise ValueError(f"data.split.kind must be one of {KINDS}, got {cfg.kind!r}")
   sorted_user = user[order]

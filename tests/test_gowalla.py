@@ -9,7 +9,7 @@ import pytest
 
 from configs import gowalla
 from configs.base import get_base_config
-from pipelines import sources, splits
+from pipelines import logs, splits
 from pipelines.prepare import prepare
 from pipelines.schema import PAD
 from pipelines.sources import DataError
@@ -166,7 +166,7 @@ def test_adjacency_split_fits_on_train_minus_valid(tmp_path):
 
 def test_adjacency_reader_counts_and_test_only_items(tmp_path):
   directory = _gowalla_slice(tmp_path)
-  raw = sources.interaction_logs(_gowalla_data_cfg(directory).logs, directory)
+  raw = logs.interaction_logs(_gowalla_data_cfg(directory).logs, directory)
   assert np.bincount(raw.interactions["split"]).tolist() == [12, 3, 7]
   assert (raw.interactions["timestamp"] == 0).all()
   assert "9" in raw.items["item_id"].tolist()  # only in test
@@ -176,7 +176,7 @@ def test_validation_that_is_not_a_carve_out_is_refused(tmp_path):
   directory = _gowalla_slice(tmp_path, valid={0: [4], 3: [9]})
   with pytest.raises(DataError, match=r"1 validation interactions are not in the training files "
                                       r"\(e\.g\. user '3', item '9'\)"):
-    sources.interaction_logs(_gowalla_data_cfg(directory).logs, directory)
+    logs.interaction_logs(_gowalla_data_cfg(directory).logs, directory)
 
 
 def test_adjacency_refuses_feature_columns(tmp_path):
@@ -184,7 +184,7 @@ def test_adjacency_refuses_feature_columns(tmp_path):
   cfg = _gowalla_data_cfg(directory).logs
   cfg.user_categorical = ("country",)
   with pytest.raises(DataError, match="adjacency.*only users and items"):
-    sources.interaction_logs(cfg, directory)
+    logs.interaction_logs(cfg, directory)
 
 
 def test_gowalla_config_trains_and_selects_by_recall_at_20(tmp_path):
@@ -206,7 +206,7 @@ def test_gowalla_config_trains_and_selects_by_recall_at_20(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(GOWALLA_DIR), reason="no Gowalla data at ../shared/data/gowalla")
 def test_real_gowalla_counts():
   d = gowalla.get_config().data
-  raw = sources.interaction_logs(d.logs, d.source_dir)
+  raw = logs.interaction_logs(d.logs, d.source_dir)
   # train.txt has 810,128 interactions, of which valid.txt's 91,047 are carved out.
   assert np.bincount(raw.interactions["split"]).tolist() == [810_128 - 91_047, 91_047, 217_242]
   assert len(raw.users["user_id"]) == 29_858 and len(raw.items["item_id"]) == 40_981

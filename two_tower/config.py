@@ -14,13 +14,13 @@ from typing import Any, Callable, Iterable, Mapping
 import ml_collections
 
 from configs.base import get_base_config
-from pipelines import sources, splits
+from pipelines import logs, splits
 from two_tower.errors import ConfigError
 
 # Every string option and its valid values.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "movielens_100k", "logs"),
-    "data.logs.format": sources.LOG_FORMATS,
+    "data.logs.format": logs.LOG_FORMATS,
     "data.split.kind": splits.KINDS,
     "data.training_history": ("auto", "before", "others"),
     "data.cache": ("auto", "always", "never"),

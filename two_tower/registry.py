@@ -229,7 +229,7 @@ def advance(registry: Registry, raw, day: int, cfg: RegistryConfig
         tokens, day, min_count=min_count, expire_after_days=expire, chunk=cfg.chunk)
 
   for side in ("user", "item"):
-    step(f"{side}_id", raw.interactions[f"{side}_id"], min_count=cfg.min_count,
+    step(f"{side}_id", raw.ids(side), min_count=cfg.min_count,
          expire=cfg.expire_after_days)
   numeric = dict(registry.numeric)
   for f in raw.features:
