@@ -319,6 +319,24 @@ def _without_validation_pairs(user: np.ndarray, item: np.ndarray, split: np.ndar
   return ~(train & np.isin(pair, pair[valid]))
 
 
+def columns_to_read(cfg) -> tuple[dict[str, list[tuple[str, str]]], dict[str, str]]:
+  """(the declared features per side as (kind, column), every column to read -> the config key
+  naming it) of config.data.logs."""
+  declared = {side: [("categorical", n) for n in cfg[f"{side}_categorical"]]
+              + [("multi", n) for n in cfg[f"{side}_multi"]]
+              + [("numeric", n) for n in cfg[f"{side}_numeric"]] for side in ("user", "item")}
+  needed = {cfg.user_id: "data.logs.user_id", cfg.item_id: "data.logs.item_id",
+            cfg.timestamp: "data.logs.timestamp"}
+  if cfg.weight:
+    needed[cfg.weight] = "data.logs.weight"
+  if cfg.get("split_column", ""):
+    needed[cfg.split_column] = "data.logs.split_column"
+  for side in ("user", "item"):
+    for kind, name in declared[side]:
+      needed.setdefault(name, f"data.logs.{side}_{kind}")
+  return declared, needed
+
+
 def interaction_logs(cfg, base_dir: str = "") -> RawData:
   """Reads interaction logs described by `cfg` (config.data.logs): CSV, TSV or Parquet files with
   a schema of columns, or adjacency files (users and items only). Relative file names are read
@@ -330,23 +348,12 @@ def interaction_logs(cfg, base_dir: str = "") -> RawData:
   files = log_files(cfg, base_dir)
   split_column = cfg.get("split_column", "")
   delimiter = "\t" if fmt == "tsv" else ","
-  declared = {side: [("categorical", n) for n in cfg[f"{side}_categorical"]]
-              + [("multi", n) for n in cfg[f"{side}_multi"]]
-              + [("numeric", n) for n in cfg[f"{side}_numeric"]] for side in ("user", "item")}
+  declared, needed = columns_to_read(cfg)
   if fmt == "adjacency" and (declared["user"] or declared["item"] or cfg.weight or split_column):
     raise DataError(
         "data.logs.format='adjacency' holds only users and items: unset data.logs.weight, "
         "data.logs.split_column and the data.logs.{user,item}_* feature columns (or convert the "
         "data to CSV or Parquet)")
-  needed = {cfg.user_id: "data.logs.user_id", cfg.item_id: "data.logs.item_id",
-            cfg.timestamp: "data.logs.timestamp"}
-  if cfg.weight:
-    needed[cfg.weight] = "data.logs.weight"
-  if split_column:
-    needed[split_column] = "data.logs.split_column"
-  for side in ("user", "item"):
-    for kind, name in declared[side]:
-      needed.setdefault(name, f"data.logs.{side}_{kind}")
 
   ids = {"user": _Dictionary(), "item": _Dictionary()}
   values = {name: _Dictionary() for side in declared for kind, name in declared[side]

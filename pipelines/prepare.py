@@ -38,7 +38,7 @@ from pipelines import logs, records, sources, splits, synthetic
 from pipelines.schema import PAD, Feature, Schema
 from pipelines.sources import DataError, RawData
 from pipelines.vocab import Vocabulary
-from two_tower.errors import ConfigError
+from two_tower.errors import ConfigError, UserError
 from two_tower.registry import Registry
 
 VERSION = "1.0.0"
@@ -154,6 +154,59 @@ def _feature_table(raw_col, entity_in_train: np.ndarray, kind: str, cfg, name: s
 _NOT_WEIGHTS = ("user_id", "item_id", "user_row", "item_row", "split")
 
 
+def catalog_tables(users: dict[str, Any], items: dict[str, Any], raw_features, user_in_train,
+                   item_train_counts: np.ndarray, cfg: ml_collections.ConfigDict,
+                   registry: Registry | None = None) -> tuple[dict[str, np.ndarray], list[Feature]]:
+  """The user and item tables (IDs, features, the item sampling probability) and their Features,
+  from one row per entity, whether it is in the training split, and each item's training count."""
+  tables: dict[str, np.ndarray] = {}
+  features: list[Feature] = []
+  item_in_train = item_train_counts > 0
+  for side, raw_table, in_train in (("user", users, user_in_train), ("item", items, item_in_train)):
+    if registry is not None:
+      id_vocab = registry.vocab(f"{side}_id")
+    else:
+      id_vocab = Vocabulary.build(np.asarray(raw_table[f"{side}_id"])[in_train],
+                                  num_oov=cfg.num_oov_buckets)
+    tables[f"{side}.{side}_id"] = id_vocab.lookup(np.asarray(raw_table[f"{side}_id"]))
+    features.append(Feature(f"{side}_id", side, "id", vocab_size=id_vocab.size))
+    tables[f"{side}.raw_id"] = np.asarray(raw_table[f"{side}_id"])
+    for f in raw_features:
+      if f.side != side:
+        continue
+      table, sizes = _feature_table(raw_table[f.name], in_train, f.kind, cfg, f.name, registry)
+      tables[f"{side}.{f.name}"] = table
+      features.append(Feature(f.name, side, f.kind, **sizes))
+  tables["item.sampling_prob"] = (item_train_counts / item_train_counts.sum()).astype(np.float32)
+  features.append(Feature("history", "user", "history",
+                          vocab_size=next(f.vocab_size for f in features if f.name == "item_id"),
+                          length=cfg.history_length))
+  return tables, features
+
+
+def history_order(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, train: np.ndarray,
+                  num_users: int, item_id_index: np.ndarray, length: int):
+  """The training interactions by (user, time), the source of every history bag: (their indices
+  in that order, where each one's user run starts, each interaction's position in that order, and
+  each user's latest `length` training items: the history used to query for that user)."""
+  train_idx = np.flatnonzero(train)
+  train_order = train_idx[splits.order_by(user[train_idx], timestamp[train_idx])]
+  sorted_user = user[train_order]
+  starts = np.r_[0, np.flatnonzero(sorted_user[1:] != sorted_user[:-1]) + 1]
+  sizes = np.diff(np.r_[starts, len(train_order)])
+  train_user_start = np.repeat(starts, sizes)
+  user_history = np.full((num_users, length), PAD, np.int32)
+  ends = starts + sizes
+  sorted_items = item_id_index[item[train_order]]
+  for lag in range(length):
+    pos = ends - 1 - lag
+    ok = pos >= starts
+    user_history[sorted_user[starts[ok]], lag] = sorted_items[pos[ok]]
+  train_position = np.zeros(len(user), np.int64)
+  train_position[train_order] = np.arange(len(train_order))
+  return train_order, train_user_start, train_position, user_history
+
+
 def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict,
                    registry: Registry | None = None) -> _Prepared:
   """Everything except writing: split, vocabularies, tables and history order. With an ID
@@ -178,55 +231,16 @@ def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict,
     raise DataError("the split left no training interactions: check data.split")
   num_users, num_items = len(raw.users["user_id"]), len(raw.items["item_id"])
   user_in_train = np.bincount(user[train], minlength=num_users) > 0
-  item_in_train = np.bincount(item[train], minlength=num_items) > 0
-
-  tables: dict[str, np.ndarray] = {}
-  features: list[Feature] = []
-  for side, raw_table, in_train in (("user", raw.users, user_in_train), ("item", raw.items, item_in_train)):
-    if registry is not None:
-      id_vocab = registry.vocab(f"{side}_id")
-    else:
-      id_vocab = Vocabulary.build(np.asarray(raw_table[f"{side}_id"])[in_train],
-                                  num_oov=cfg.num_oov_buckets)
-    tables[f"{side}.{side}_id"] = id_vocab.lookup(np.asarray(raw_table[f"{side}_id"]))
-    features.append(Feature(f"{side}_id", side, "id", vocab_size=id_vocab.size))
-    tables[f"{side}.raw_id"] = np.asarray(raw_table[f"{side}_id"])
-    for f in raw.features:
-      if f.side != side:
-        continue
-      table, sizes = _feature_table(raw_table[f.name], in_train, f.kind, cfg, f.name, registry)
-      tables[f"{side}.{f.name}"] = table
-      features.append(Feature(f.name, side, f.kind, **sizes))
+  item_train_counts = np.bincount(item[train], minlength=num_items)
+  tables, features = catalog_tables(raw.users, raw.items, raw.features, user_in_train,
+                                    item_train_counts, cfg, registry)
   item_id_index = tables["item.item_id"]
-  train_counts = np.bincount(item[train], minlength=num_items)
-  tables["item.sampling_prob"] = (train_counts / train_counts.sum()).astype(np.float32)
-
-  # Training interactions by (user, time): the source of every history bag.
-  train_idx = np.flatnonzero(train)
-  train_order = train_idx[splits.order_by(user[train_idx], timestamp[train_idx])]
-  sorted_user = user[train_order]
-  starts = np.r_[0, np.flatnonzero(sorted_user[1:] != sorted_user[:-1]) + 1]
-  sizes = np.diff(np.r_[starts, len(train_order)])
-  train_user_start = np.repeat(starts, sizes)
-  length = cfg.history_length
-  if length < 1:
+  if cfg.history_length < 1:
     raise ConfigError("data.history_length must be >= 1")
-  # Each user's latest `length` training items: the history used to query for that user.
-  user_history = np.full((num_users, length), PAD, np.int32)
-  ends = starts + sizes
-  sorted_items = item_id_index[item[train_order]]
-  for lag in range(length):
-    pos = ends - 1 - lag
-    ok = pos >= starts
-    user_history[sorted_user[starts[ok]], lag] = sorted_items[pos[ok]]
-  tables["user.history"] = user_history
-  features.append(Feature("history", "user", "history",
-                          vocab_size=next(f.vocab_size for f in features if f.name == "item_id"),
-                          length=length))
+  train_order, train_user_start, train_position, tables["user.history"] = history_order(
+      user, item, timestamp, train, num_users, item_id_index, cfg.history_length)
   split_sizes = {name: int((split == k).sum()) for k, name in enumerate(splits.SPLIT_NAMES)}
-  schema = Schema(tuple(features), num_users, num_items, length, split_sizes)
-  train_position = np.zeros(len(user), np.int64)
-  train_position[train_order] = np.arange(len(train_order))
+  schema = Schema(tuple(features), num_users, num_items, cfg.history_length, split_sizes)
   return _Prepared(schema, tables, user, item, timestamp, weight, split, train_order,
                    train_user_start, train_position, item_id_index)
 
@@ -308,9 +322,18 @@ class _InteractionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   def _generate_splits(self, dl_manager, download_config):
     """Writes the splits with pipelines.records (TFDS's files, serialized in blocks) instead of
     TFDS's per-example writer; `stage_seconds` records where the time went."""
-    del dl_manager, download_config
+    del dl_manager
     cfg = self._settings
     clock = _Stopwatch()
+    if download_config.beam_runner:
+      from pipelines import beam_prepare  # pylint: disable=g-import-not-at-top (an optional extra)
+      infos = beam_prepare.run(
+          cfg, os.fspath(self.data_dir),
+          {name: self._get_filename_template(split_name=name) for name in splits.SPLIT_NAMES},
+          download_config.beam_runner, download_config.beam_options)
+      clock.lap("beam")
+      self.stage_seconds = clock.seconds
+      return infos
     raw, planted = self._load(cfg)
     clock.lap("read")
     registry = Registry.load(cfg.id_registry) if cfg.get("id_registry") else None
@@ -432,15 +455,41 @@ def resolve_data_dir(data_cfg: ml_collections.ConfigDict, workdir: str) -> str:
   return data_cfg.data_dir or os.path.join(workdir, "data")
 
 
-def prepare(data_cfg: ml_collections.ConfigDict, data_dir: str) -> PreparedData:
-  """Builds the dataset described by `data_cfg` (config.data) unless that build already exists."""
+def beam_runner_check(runner: str) -> None:
+  """A UserError naming the extra to install when Apache Beam or `runner` is not available."""
+  try:
+    from apache_beam.runners import runner as runner_lib  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f"--beam_runner={runner} needs Apache Beam, which is not installed: "
+                    f"pip install -e '.[beam]' ({e})") from None
+  try:
+    runner_lib.create_runner(runner)
+  except ImportError as e:
+    extra = {"DataflowRunner": "apache-beam[gcp]"}.get(runner, "apache-beam with its extras")
+    raise UserError(f"the Beam runner {runner} is not installed: pip install '{extra}' ({e})"
+                    ) from None
+  except ValueError as e:
+    raise UserError(f"unknown Beam runner {runner!r}: use DirectRunner, DataflowRunner, "
+                    f"FlinkRunner or SparkRunner ({e})") from None
+
+
+def prepare(data_cfg: ml_collections.ConfigDict, data_dir: str, beam_runner: str = "",
+            beam_options: str = "") -> PreparedData:
+  """Builds the dataset described by `data_cfg` (config.data) unless that build already exists;
+  with `beam_runner`, as an Apache Beam pipeline (pipelines/beam_prepare.py) on that runner, with
+  `beam_options` (its command-line options, e.g. "--direct_num_workers=2")."""
   if data_cfg.source not in BUILDERS:
     raise DataError(f"data.source must be one of {sorted(BUILDERS)}, got {data_cfg.source!r}")
+  if beam_runner:
+    beam_runner_check(beam_runner)
+    from pipelines import beam_prepare  # pylint: disable=g-import-not-at-top (an optional extra)
+    beam_prepare.check_supported(data_cfg)
   settings = build_settings(data_cfg)
   text = json.dumps(settings, sort_keys=True)
   name = hashlib.sha256(text.encode()).hexdigest()[:12]
   builder = BUILDERS[data_cfg.source](
       data_dir=data_dir, config=DataConfig(name=name, settings=text), file_format="array_record")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+      compute_stats=tfds.download.ComputeStatsMode.SKIP, beam_runner=beam_runner or None,
+      beam_options=beam_options or None))
   return PreparedData(path=os.fspath(builder.data_path), builder=builder)

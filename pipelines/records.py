@@ -136,21 +136,39 @@ def serialize(columns: Columns) -> list[bytes]:
   return [flat[a:b] for a, b in zip([0] + ends[:-1], ends)]
 
 
-def tfds_order(keys: np.ndarray, split_name: str) -> np.ndarray:
-  """The permutation of `keys` (ints) in which TFDS writes their examples: by md5(split name +
-  str(key)) as a 128-bit big-endian integer (tensorflow_datasets.core.hashing)."""
+def tfds_hashes(keys: np.ndarray, split_name: str) -> np.ndarray:
+  """[n, 2] uint64: the md5 of split name + str(key) of each key as a 128-bit big-endian integer
+  (tensorflow_datasets.core.hashing), high word first: TFDS writes examples in its order."""
   salted = hashlib.md5(split_name.encode())
   digests = bytearray()
   for key in keys.tolist():
     md5 = salted.copy()
     md5.update(str(key).encode())
     digests += md5.digest()
-  words = np.frombuffer(bytes(digests), ">u8").reshape(-1, 2)
+  return np.frombuffer(bytes(digests), ">u8").reshape(-1, 2).astype(np.uint64)
+
+
+def hash_order(words: np.ndarray) -> np.ndarray:
+  """The permutation that sorts tfds_hashes `words` ascending."""
   order = np.argsort(words[:, 0], kind="stable")
   high = words[order, 0]
   if (high[1:] == high[:-1]).any():  # equal first 64 bits: a 1 in 2^64 chance per pair
     return np.lexsort((words[:, 1], words[:, 0]))
   return order
+
+
+def tfds_order(keys: np.ndarray, split_name: str) -> np.ndarray:
+  """The permutation of `keys` (ints) in which TFDS writes their examples."""
+  return hash_order(tfds_hashes(keys, split_name))
+
+
+def write_shard(path: str, blocks) -> None:
+  """Writes the serialized examples of each block of columns, in order, as one ArrayRecord file."""
+  writer = array_record_module.ArrayRecordWriter(path, _ARRAY_RECORD_OPTIONS)
+  for columns in blocks:
+    for record in serialize(columns):
+      writer.write(record)
+  writer.close()
 
 
 def write_split(filename_template, split_name: str, keys: np.ndarray,
@@ -165,11 +183,7 @@ def write_split(filename_template, split_name: str, keys: np.ndarray,
   ends = shard_utils.get_shard_boundaries(n, num_shards)
   for shard, (lo, hi) in enumerate(zip([0] + ends[:-1], ends)):
     path = os.fspath(filename_template.sharded_filepath(shard_index=shard, num_shards=num_shards))
-    writer = array_record_module.ArrayRecordWriter(path, _ARRAY_RECORD_OPTIONS)
-    for start in range(lo, hi, BLOCK):
-      for record in serialize(columns(keys[start:min(start + BLOCK, hi)])):
-        writer.write(record)
-    writer.close()
+    write_shard(path, (columns(keys[start:min(start + BLOCK, hi)]) for start in range(lo, hi, BLOCK)))
   return splits_lib.SplitInfo(
       name=split_name, shard_lengths=[hi - lo for lo, hi in zip([0] + ends[:-1], ends)],
       num_bytes=total_size, filename_template=filename_template)
