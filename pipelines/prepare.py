@@ -464,8 +464,10 @@ def beam_runner_check(runner: str) -> None:
                     f"pip install -e '.[beam]' ({e})") from None
   try:
     runner_lib.create_runner(runner)
+    if runner == "DataflowRunner":
+      import apitools.base.py  # pylint: disable=g-import-not-at-top,unused-import (Dataflow's client)
   except ImportError as e:
-    extra = {"DataflowRunner": "apache-beam[gcp]"}.get(runner, "apache-beam with its extras")
+    extra = "apache-beam[gcp]" if runner == "DataflowRunner" else "apache-beam with its extras"
     raise UserError(f"the Beam runner {runner} is not installed: pip install '{extra}' ({e})"
                     ) from None
   except ValueError as e:

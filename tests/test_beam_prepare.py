@@ -4,6 +4,8 @@ in-process path: the same vocabularies and tables, the same examples in the same
 import glob
 import json
 import os
+import re
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -88,10 +90,13 @@ def test_beam_prepares_the_same_dataset(tmp_path, fmt, split_kind, training_hist
   assert not glob.glob(os.path.join(beam.path, "_beam*"))
 
 
-def test_runner_that_is_not_installed_names_the_extra(tmp_path):
+def test_runner_that_is_not_installed_names_the_extra(tmp_path, monkeypatch):
   cfg = _cfg(_files(tmp_path, "parquet", n=50), "parquet", "temporal_last_n", "auto")
-  with pytest.raises(UserError, match="NoSuchRunner"):
+  with pytest.raises(UserError, match="unknown Beam runner 'NoSuchRunner'"):
     prepare(cfg, str(tmp_path / "data"), beam_runner="NoSuchRunner")
+  monkeypatch.setitem(sys.modules, "apache_beam.runners", None)  # Beam not installed: no import
+  with pytest.raises(UserError, match=re.escape("pip install -e '.[beam]'")):
+    prepare(cfg, str(tmp_path / "data"), beam_runner="DirectRunner")
   assert not os.path.exists(tmp_path / "data")
 
 

@@ -107,11 +107,13 @@ class Workdir:
 
   # --------------------------------------------------------------------------- data
 
-  def prepare_data(self, config: ml_collections.ConfigDict) -> PreparedData:
-    """The prepared dataset of `config`, built by process 0 if missing, then opened everywhere."""
+  def prepare_data(self, config: ml_collections.ConfigDict, beam_runner: str = "",
+                   beam_options: str = "") -> PreparedData:
+    """The prepared dataset of `config`, built by process 0 if missing (as an Apache Beam pipeline
+    on `beam_runner`, when given), then opened everywhere."""
     data_dir = resolve_data_dir(config.data, self.root)
     if jax.process_index() == 0:
-      data = prepare(config.data, data_dir)
+      data = prepare(config.data, data_dir, beam_runner, beam_options)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("two_tower:data_prepared")
     if jax.process_index() != 0:
