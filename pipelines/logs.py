@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines import splits
@@ -114,17 +115,27 @@ def _type_kind(t: pa.DataType) -> str:
   return str(t)
 
 
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+  """The file system of a local path or a URI (gs://, s3://, hdfs://: the cluster paths)."""
+  if "://" in path:
+    return pafs.FileSystem.from_uri(path)
+  return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
 def _file_schema(path: str, fmt: str, delimiter: str) -> dict[str, pa.DataType]:
   """The columns of a file and their types (CSV: all strings, converted column by column)."""
-  if not os.path.isfile(path):
+  fs, inner = _filesystem(path)
+  info = fs.get_file_info(inner)
+  if info.type != pafs.FileType.File:
     raise DataError(f"input file {path} does not exist: fix data.logs.files")
-  if os.path.getsize(path) == 0:
+  if info.size == 0:
     raise DataError(f"input file {path} is empty: remove it from data.logs.files or regenerate it")
   try:
     if fmt == "parquet":
-      schema = pq.read_schema(path)
+      schema = pq.read_schema(inner, filesystem=fs)
       return {f.name: f.type for f in schema}
-    reader = pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=1 << 20),
+    reader = pa_csv.open_csv(fs.open_input_stream(inner),
+                             read_options=pa_csv.ReadOptions(block_size=1 << 20),
                              parse_options=pa_csv.ParseOptions(delimiter=delimiter))
     return {name: pa.string() for name in reader.schema.names}
   except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
@@ -166,11 +177,13 @@ def _batches(path: str, fmt: str, delimiter: str, columns: list[str]
   """(index of the batch's first row, batch) of the `columns` of a file, in bounded batches."""
   row = 0
   try:
+    fs, inner = _filesystem(path)
     if fmt == "parquet":
-      reader = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=columns)
+      reader = pq.ParquetFile(fs.open_input_file(inner)).iter_batches(
+          batch_size=BATCH_ROWS, columns=columns)
     else:
       reader = pa_csv.open_csv(
-          path, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+          fs.open_input_stream(inner), read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
           parse_options=pa_csv.ParseOptions(delimiter=delimiter),
           convert_options=pa_csv.ConvertOptions(
               column_types={c: pa.string() for c in columns}, include_columns=columns,
