@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import sys
 
 import numpy as np
@@ -119,3 +120,25 @@ def test_bad_value_on_a_worker_names_file_and_row(tmp_path):
   with pytest.raises(UserError, match=r"part1.csv must hold integer timestamps.*row 8 holds 'noon'"):
     prepare(cfg, str(tmp_path / "data"), beam_runner="DirectRunner")
   assert not glob.glob(str(tmp_path / "data" / "logs" / "*" / "1.0.0"))
+
+
+def test_cluster_launch_options_are_beams_own():
+  """launch/cluster/dataflow.py's options are read by Beam as the settings they name."""
+  from apache_beam.options import pipeline_options as po
+
+  from launch.cluster import dataflow
+  from pipelines import beam_prepare
+  args = dataflow.parser().parse_args(["--project=proj", "--region=r", "--bucket=gs://b",
+                                       "--workdir=gs://b/w", "--max_workers=32"])
+  options = beam_prepare.pipeline_options("DataflowRunner", shlex.join(dataflow.beam_options(args)))
+  gcp, workers = options.view_as(po.GoogleCloudOptions), options.view_as(po.WorkerOptions)
+  assert (gcp.project, gcp.region, gcp.temp_location) == ("proj", "r", "gs://b/tmp")
+  assert (workers.num_workers, workers.max_num_workers, workers.machine_type) == (
+      4, 32, "n2-standard-4")
+  assert options.view_as(po.SetupOptions).extra_packages == [
+      "dist/two_tower-0.1.0-py3-none-any.whl"]
+  args = dataflow.parser().parse_args(["--runner=flink", "--flink_master=fl:8081",
+                                       "--image=reg/tt:1", "--workdir=gs://b/w"])
+  options = beam_prepare.pipeline_options("FlinkRunner", shlex.join(dataflow.beam_options(args)))
+  assert options.view_as(po.FlinkRunnerOptions).flink_master == "fl:8081"
+  assert options.view_as(po.PortableOptions).environment_config == "reg/tt:1"

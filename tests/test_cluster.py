@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from launch.cluster import k8s, local, slurm, tpu_pod
+from launch.cluster import dataflow, k8s, local, slurm, tpu_pod
 from launch.cluster.common import job_argv
 
 
@@ -178,3 +178,58 @@ def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
   code = local.launch([sys.executable, "-c", script], num_processes=2, out=out, grace_s=2.0)
   assert code == 3
   assert "[p1] hello 1" in out.getvalue() and "[p0] hello 0" in out.getvalue()
+
+
+# ----------------------------------------------------------------------------- Beam (Dataflow, Flink, Spark)
+
+
+def beam_commands(*argv: str) -> list[list[str]]:
+  text = dry_run(dataflow, "--config=configs/logs.py", "--workdir=gs://b/runs/tt", *argv)
+  return [shlex.split(line) for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def _options(argv: list[str]) -> dict[str, str]:
+  flag = next(a for a in argv if a.startswith("--beam_options="))[len("--beam_options="):]
+  return dict(option[2:].partition("=")[::2] for option in shlex.split(flag))
+
+
+def test_dataflow_builds_the_wheel_then_prepares_on_dataflow():
+  wheel, prepare = beam_commands("--project=proj", "--region=us-central1", "--bucket=gs://b/",
+                                 "--max_workers=32", "--set", "data.data_dir=gs://b/data")
+  assert wheel == ["python3", "-m", "pip", "wheel", "--no-deps", "--wheel-dir=dist", "."]
+  assert prepare[:6] == ["python3", "-m", "launch.prepare_data", "--workdir=gs://b/runs/tt",
+                         "--config=configs/logs.py", "--config.data.data_dir=gs://b/data"]
+  assert "--beam_runner=DataflowRunner" in prepare
+  options = _options(prepare)
+  assert options["project"] == "proj" and options["region"] == "us-central1"
+  assert options["temp_location"] == "gs://b/tmp" and options["staging_location"] == "gs://b/staging"
+  assert (options["num_workers"], options["max_num_workers"]) == ("4", "32")
+  assert options["extra_package"] == "dist/two_tower-0.1.0-py3-none-any.whl"
+  assert "sdk_container_image" not in options
+
+
+def test_dataflow_with_an_image_builds_nothing():
+  (prepare,) = beam_commands("--project=proj", "--region=r", "--bucket=gs://b", "--image=reg/tt:1")
+  options = _options(prepare)
+  assert options["sdk_container_image"] == "reg/tt:1" and "extra_package" not in options
+
+
+def test_dataflow_needs_project_region_and_a_gs_bucket():
+  with pytest.raises(SystemExit, match="--project, --region and --bucket"):
+    dataflow.main(["--dry-run", "--workdir=gs://b/w", "--project=p"])
+  with pytest.raises(SystemExit, match="must be a gs:// path"):
+    dataflow.main(["--dry-run", "--workdir=gs://b/w", "--project=p", "--region=r", "--bucket=/tmp"])
+
+
+@pytest.mark.parametrize("runner,master,expected", [
+    ("flink", "--flink_master=fl:8081", ("FlinkRunner", "flink_master", "fl:8081")),
+    ("spark", "--spark_master=spark://sp:7077", ("SparkRunner", "spark_master_url", "spark://sp:7077"))])
+def test_flink_and_spark_run_the_image_on_the_cluster(runner, master, expected):
+  (prepare,) = beam_commands(f"--runner={runner}", master, "--image=reg/tt:1", "--parallelism=8")
+  name, key, value = expected
+  assert f"--beam_runner={name}" in prepare
+  options = _options(prepare)
+  assert options[key] == value and options["parallelism"] == "8"
+  assert (options["environment_type"], options["environment_config"]) == ("DOCKER", "reg/tt:1")
+  with pytest.raises(SystemExit, match="needs --image"):
+    dataflow.main(["--dry-run", "--workdir=w", f"--runner={runner}", master])
