@@ -1,7 +1,8 @@
 """Data preparation throughput and peak memory: synthetic logs of N interactions and Gowalla.
 
   python benchmarks/prepare.py [--sizes=1000000,10000000] [--format=parquet] \
-      [--gowalla_dir=../shared/data/gowalla] [--reference_size=200000] [--profile=200000]
+      [--gowalla_dir=../shared/data/gowalla] [--reference_size=200000] [--profile=200000] \
+      [--beam_size=1000000]
 
 First the reference: the same synthetic input of --reference_size interactions prepared by the
 code of --reference_commit (the last commit before streaming and block serialization, exported with
@@ -10,7 +11,11 @@ N/10 users and N/20 items, an item category column) to a temporary directory, th
 in a fresh child process (so that each case's peak RSS is its own) and prints examples/s, seconds
 per stage and peak RSS. Gowalla (the NGCF/LightGCN adjacency files, about 1M interactions) is
 prepared the same way with configs/gowalla.py. `--profile=N` prints a cProfile of one N-interaction
-run instead. The last line is one JSON object.
+run instead. `--beam_size=N` (needs the `beam` extra) prepares one synthetic input of N interactions
+in-process and as the Beam pipeline on the DirectRunner with 1 and 2 worker processes
+(multi_processing), with data.split.kind="temporal_last_n" (a split Beam computes per user), and
+prints the 2-worker / 1-worker scaling ratio. Each case also reports the bytes of its ArrayRecord
+files per example. The last line is one JSON object.
 """
 
 import cProfile
@@ -50,6 +55,9 @@ _REFERENCE_COMMIT = flags.DEFINE_string(
 _REFERENCE_SIZE = flags.DEFINE_integer(
     "reference_size", 200_000, "Synthetic interactions prepared by both the reference and this "
     "code (the reference takes about 20 s per 100k here).")
+_BEAM_SIZE = flags.DEFINE_integer(
+    "beam_size", 0, "Interactions of the Beam DirectRunner comparison (1 and 2 workers, and "
+    "in-process, on the same input); 0 skips it.")
 _CASE = flags.DEFINE_string("case", "", "Internal: prepare this JSON case in this process.")
 
 
@@ -115,18 +123,27 @@ def run_case(case: dict) -> dict:
     config.data.source_dir = case["dir"]
   else:
     config = synthetic_config(case["paths"], case["format"])
+    if "beam_workers" in case:
+      config.data.split.kind = "temporal_last_n"
+  beam = {}
+  if case.get("beam_workers"):
+    beam = dict(beam_runner="DirectRunner", beam_options=(
+        f"--direct_num_workers={case['beam_workers']} --direct_running_mode=multi_processing"))
   rss = PeakRss()
   with tempfile.TemporaryDirectory() as data_dir:
     start = time.perf_counter()
-    data = prepare_lib.prepare(config.data, data_dir)
+    data = prepare_lib.prepare(config.data, data_dir, **beam)
     seconds = time.perf_counter() - start
     examples = sum(data.schema.split_sizes.values())
     stages = dict(getattr(data.builder, "stage_seconds", {}))
-  peak = rss.stop()
-  if stages:
+    shard_bytes = sum(os.path.getsize(os.path.join(data.path, f)) for f in os.listdir(data.path)
+                      if ".array_record-" in f)
+  peak = rss.stop()  # this process only: Beam's worker processes are not counted
+  if stages and not beam:
     stages["write_examples"] = seconds - sum(stages.values())
   return dict(name=case["name"], examples=examples, seconds=seconds,
-              examples_per_s=examples / seconds, stage_seconds=stages, peak_rss_gib=peak / 2**30)
+              examples_per_s=examples / seconds, stage_seconds=stages, peak_rss_gib=peak / 2**30,
+              shard_bytes_per_example=shard_bytes / examples)
 
 
 def in_child(case: dict, root: str = _ROOT) -> dict:
@@ -154,8 +171,28 @@ def reference_tree(commit: str, directory: str) -> str:
 def report(r: dict) -> None:
   stages = ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_seconds"].items())
   print(f"{r['name']}: {r['examples']:,} examples in {r['seconds']:.1f} s = "
-        f"{r['examples_per_s']:,.0f} examples/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
+        f"{r['examples_per_s']:,.0f} examples/s, peak RSS {r['peak_rss_gib']:.2f} GiB, "
+        f"{r['shard_bytes_per_example']:.1f} shard bytes/example"
         + (f" ({stages})" if stages else ""), flush=True)
+
+
+def beam_scaling(tmp: str) -> dict:
+  """The same input prepared in-process and on Beam's DirectRunner with 1 and 2 workers."""
+  directory = os.path.join(tmp, "beam_logs")
+  os.makedirs(directory)
+  n = _BEAM_SIZE.value
+  case = dict(kind="synthetic", paths=write_logs(directory, n, _FORMAT.value, _FILES.value),
+              format=_FORMAT.value)
+  results = {}
+  for workers in (0, 1, 2):
+    name = f"beam_{workers}_workers_{n}" if workers else f"in_process_temporal_{n}"
+    results[workers] = in_child(dict(case, name=name, beam_workers=workers))
+    report(results[workers])
+  scaling = results[2]["examples_per_s"] / results[1]["examples_per_s"]
+  print(f"Beam DirectRunner, 2 workers / 1 worker: {scaling:.2f}x; 2-worker Beam / in-process: "
+        f"{results[2]['examples_per_s'] / results[0]['examples_per_s']:.2f}x", flush=True)
+  return dict(in_process=results[0], beam_1_worker=results[1], beam_2_workers=results[2],
+              beam_scaling_2_over_1=scaling)
 
 
 def main(argv):
@@ -174,6 +211,8 @@ def main(argv):
       print(json.dumps(result))
       return
     summary = dict(format=_FORMAT.value)
+    if _BEAM_SIZE.value:
+      summary["beam"] = beam_scaling(tmp)
     if _REFERENCE_COMMIT.value and _REFERENCE_SIZE.value:
       directory = os.path.join(tmp, "reference_logs")
       os.makedirs(directory)
