@@ -35,6 +35,7 @@ import apache_beam as beam
 import ml_collections
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from tensorflow_datasets.core import splits as splits_lib
@@ -46,7 +47,11 @@ from pipelines.schema import PAD, Schema
 from pipelines.sources import DataError, RawFeature
 from two_tower.errors import UserError
 
-USER_BUCKETS = 64  # groups of whole users: the unit of the per-user work
+# Groups of whole users, the unit of the per-user work: at least USER_BUCKETS, and about
+# ROWS_PER_BUCKET interactions each (estimated from the input), so that a group fits a worker.
+USER_BUCKETS = 64
+ROWS_PER_BUCKET = 2_000_000
+_CSV_BYTES_PER_ROW = 24  # the estimate for text files: a few short fields
 ITEM_BUCKETS = 16
 _POSITION_BITS = 40  # position = file index << 40 | row in the file
 _SUPPORTED_SPLITS = ("temporal_last_n", "predefined")
@@ -139,6 +144,19 @@ def read_file(entry: tuple[int, str, int | None], logs_cfg: dict) -> Iterator[Bl
   if num_rows == 0:
     raise DataError(f"input file {path} has a header but no rows: it holds no interactions; "
                     "remove it from data.logs.files or regenerate it")
+
+
+def num_user_buckets(files: list[tuple[str, Any]], fmt: str) -> int:
+  """USER_BUCKETS, or more for an input of more than USER_BUCKETS * ROWS_PER_BUCKET rows (Parquet:
+  the footers' row counts; text: the file sizes)."""
+  rows = 0
+  for path, _ in files:
+    fs, inner = logs._filesystem(path)
+    if fmt == "parquet":
+      rows += pq.read_metadata(inner, filesystem=fs).num_rows
+    else:
+      rows += fs.get_file_info(inner).size // _CSV_BYTES_PER_ROW
+  return max(USER_BUCKETS, -(-rows // ROWS_PER_BUCKET))
 
 
 def _buckets(ids: np.ndarray, num_buckets: int) -> np.ndarray:
@@ -405,6 +423,7 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: ml_collections.ConfigDict, path
   feature_keys = {side: [f"f:{f.name}" for f in raw_features if f.side == side]
                   for side in ("user", "item")}
   cfg_json = json.dumps(cfg.to_dict())
+  user_buckets = num_user_buckets(files, fmt)
   mode = prepare_lib.training_history_mode(cfg)
   logs_cfg = cfg.logs.to_dict()
 
@@ -419,7 +438,7 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: ml_collections.ConfigDict, path
                | "Offsets" >> beam.combiners.ToList()
                | "Cumulative" >> beam.Map(_offsets, len(files)))
   groups = (blocks
-            | "ByUser" >> beam.FlatMap(_by_bucket, "user_id", USER_BUCKETS)
+            | "ByUser" >> beam.FlatMap(_by_bucket, "user_id", user_buckets)
             | "GroupUsers" >> beam.GroupByKey())
   summary = groups | "Count" >> beam.FlatMap(
       summarize_users, cfg.split, feature_keys).with_outputs("users", "counts", "items")
