@@ -130,6 +130,7 @@ def run_case(case: dict) -> dict:
     beam = dict(beam_runner="DirectRunner", beam_options=(
         f"--direct_num_workers={case['beam_workers']} --direct_running_mode=multi_processing"))
   rss = PeakRss()
+  cpu_start = _cpu_seconds()
   with tempfile.TemporaryDirectory() as data_dir:
     start = time.perf_counter()
     data = prepare_lib.prepare(config.data, data_dir, **beam)
@@ -139,11 +140,20 @@ def run_case(case: dict) -> dict:
     shard_bytes = sum(os.path.getsize(os.path.join(data.path, f)) for f in os.listdir(data.path)
                       if ".array_record-" in f)
   peak = rss.stop()  # this process only: Beam's worker processes are not counted
+  cpu = _cpu_seconds() - cpu_start  # this process and its finished children (Beam's workers)
   if stages and not beam:
     stages["write_examples"] = seconds - sum(stages.values())
   return dict(name=case["name"], examples=examples, seconds=seconds,
               examples_per_s=examples / seconds, stage_seconds=stages, peak_rss_gib=peak / 2**30,
-              shard_bytes_per_example=shard_bytes / examples)
+              shard_bytes_per_example=shard_bytes / examples, cpu_seconds=cpu,
+              examples_per_cpu_s=examples / cpu)
+
+
+def _cpu_seconds() -> float:
+  """CPU seconds used by this process and its reaped children: unlike wall time, not inflated by
+  other jobs sharing the machine."""
+  return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def in_child(case: dict, root: str = _ROOT) -> dict:
@@ -172,7 +182,8 @@ def report(r: dict) -> None:
   stages = ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_seconds"].items())
   print(f"{r['name']}: {r['examples']:,} examples in {r['seconds']:.1f} s = "
         f"{r['examples_per_s']:,.0f} examples/s, peak RSS {r['peak_rss_gib']:.2f} GiB, "
-        f"{r['shard_bytes_per_example']:.1f} shard bytes/example"
+        f"{r['shard_bytes_per_example']:.1f} shard bytes/example, "
+        f"{r['examples_per_cpu_s']:,.0f} examples per CPU-second"
         + (f" ({stages})" if stages else ""), flush=True)
 
 
