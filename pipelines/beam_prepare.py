@@ -336,18 +336,22 @@ def write_shard(item, templates: dict, sizes: dict[str, np.ndarray]) -> tuple[st
   columns = _take(columns, records.hash_order(np.stack([columns.pop("hash_high"),
                                                          columns.pop("hash_low")], axis=1)))
   del columns["key"]
-  path = _shard_path(templates[name], shard, num_shards(sizes[name]))
   blocks = [{k: v[lo:lo + records.BLOCK] for k, v in columns.items()}
             for lo in range(0, len(columns["user_index"]), records.BLOCK)]
+  _write_records(_shard_path(templates[name], shard, num_shards(sizes[name])), blocks)
+  return name, shard, len(columns["user_index"]), int(records.record_sizes(columns).sum())
+
+
+def _write_records(path: str, blocks) -> None:
+  """records.write_shard to a local path, or to a local file then copied to a remote one."""
   if "://" not in path:
     records.write_shard(path, blocks)
-  else:
-    with tempfile.TemporaryDirectory() as tmp:
-      local = os.path.join(tmp, "shard")
-      records.write_shard(local, blocks)
-      with open(local, "rb") as src, _destination(path) as dst:
-        dst.write(src.read())
-  return name, shard, len(columns["user_index"]), int(records.record_sizes(columns).sum())
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, "shard")
+    records.write_shard(local, blocks)
+    with open(local, "rb") as src, _destination(path) as dst:
+      dst.write(src.read())
 
 
 def _shard_path(template, shard: int, count: int) -> str:
@@ -394,7 +398,7 @@ def finish(catalog: dict, histories: list, pairs: list, shards: list, sizes: dic
         lengths[name][shard] = n
     for shard in range(count):
       if lengths[name][shard] == 0:  # a range of md5 values that no key fell in
-        records.write_shard(_shard_path(templates[name], shard, count), [])
+        _write_records(_shard_path(templates[name], shard, count), [])
   summary = {name: {"shard_lengths": lengths[name], "num_bytes": int(sizes[name][1])}
              for name in lengths}
   with _destination(f"{path}/_beam_splits.json") as f:

@@ -77,11 +77,13 @@ def test_beam_prepares_the_same_dataset(tmp_path, fmt, split_kind, training_hist
   assert tables == sorted(os.listdir(os.path.join(beam.path, "tables")))
   assert "user.history.npy" in tables and "item.tags.npy" in tables
   for name in tables:
-    np.testing.assert_array_equal(np.load(os.path.join(ours.path, "tables", name)),
-                                  np.load(os.path.join(beam.path, "tables", name)), err_msg=name)
+    a, b = (np.load(os.path.join(d.path, "tables", name)) for d in (ours, beam))
+    np.testing.assert_array_equal(a, b, err_msg=name)
+    assert a.dtype == b.dtype, name
   for split in ("train", "validation", "test"):
     for a, b in zip(ours.pairs(split), beam.pairs(split)):
       np.testing.assert_array_equal(a, b)
+      assert a.dtype == b.dtype
     # The same serialized examples in the same (TFDS md5) order; shards may cut them elsewhere.
     assert _records(ours, split) == _records(beam, split)
     ours_info = ours.builder.info.splits[split]
