@@ -46,6 +46,20 @@ def _files(tmp_path, fmt, n=400):
   return paths
 
 
+def _adjacency_files(tmp_path):
+  """Gowalla's format, one file per split: `user item item ...` lines, no timestamps (ties
+  everywhere: the order of reading decides)."""
+  rng = np.random.default_rng(0)
+  paths = {}
+  for name, per_user in (("train", 8), ("validation", 1), ("test", 2)):
+    lines = [" ".join([f"{u}"] + [str(i) for i in rng.integers(0, 70, per_user)])
+             for u in rng.permutation(40)]
+    paths[name] = (str(tmp_path / f"{name}.txt"),)
+    with open(paths[name][0], "w") as f:
+      f.write("\n".join(lines) + "\n")
+  return paths
+
+
 def _cfg(files, fmt, split_kind, training_history):
   d = get_base_config().data
   d.source = "logs"
@@ -64,18 +78,24 @@ def _records(data, split):
 
 
 @pytest.mark.parametrize("fmt,split_kind,training_history", [
-    ("parquet", "temporal_last_n", "before"), ("csv", "predefined", "others")])
+    ("parquet", "temporal_last_n", "before"), ("csv", "predefined", "others"),
+    ("adjacency", "predefined", "before")])
 def test_beam_prepares_the_same_dataset(tmp_path, fmt, split_kind, training_history):
-  cfg = _cfg(_files(tmp_path, fmt), fmt, split_kind, training_history)
+  if fmt == "adjacency":
+    cfg = _cfg((), fmt, split_kind, training_history)
+    cfg.logs.update(user_categorical=(), item_multi=(), item_numeric=(), split_column="")
+    cfg.logs.split_files.update(_adjacency_files(tmp_path))
+  else:
+    cfg = _cfg(_files(tmp_path, fmt), fmt, split_kind, training_history)
   ours = prepare(cfg, str(tmp_path / "in_process"))
   beam = prepare(cfg, str(tmp_path / "beam"), beam_runner="DirectRunner")
   assert list(beam.builder.stage_seconds) == ["beam"]  # built by the pipeline
   assert ours.schema == beam.schema
-  assert sum(ours.schema.split_sizes.values()) == 1200
+  assert sum(ours.schema.split_sizes.values()) == (440 if fmt == "adjacency" else 1200)
   assert all(ours.schema.split_sizes[s] > 0 for s in ("train", "validation", "test"))
   tables = sorted(os.listdir(os.path.join(ours.path, "tables")))
   assert tables == sorted(os.listdir(os.path.join(beam.path, "tables")))
-  assert "user.history.npy" in tables and "item.tags.npy" in tables
+  assert "user.history.npy" in tables and ("item.tags.npy" in tables or fmt == "adjacency")
   for name in tables:
     a, b = (np.load(os.path.join(d.path, "tables", name)) for d in (ours, beam))
     np.testing.assert_array_equal(a, b, err_msg=name)
