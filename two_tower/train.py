@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from pipelines import loader
 from pipelines.prepare import PreparedData
-from two_tower import atomic, sharding
+from two_tower import atomic, rowsparse, sharding
 from two_tower import features as feats
 from two_tower.checkpoint import Checkpointer
 from two_tower.evaluation import Evaluator
@@ -59,19 +59,26 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
         global_negatives=loss_cfg.global_negatives, num_uniform_negatives=num_negatives,
         num_items=num_items))
 
-  def loss_fn(params):
+  def loss_fn(params, inputs):
     model = nnx.merge(graphdef, params)
-    queries = model.embed_queries(feats.query_features(catalog, batch["user_index"], batch["history"]))
-    candidates = model.embed_items(feats.item_features(catalog, unique_items))
+    queries = model.embed_queries(inputs["query_tower"])
+    candidates = model.embed_items(inputs["item_tower"])
     return sampled_softmax_loss(
         queries, candidates, positive, counts, batch["weight"], mesh=mesh, log_q=log_q,
         remove_accidental_hits=loss_cfg.remove_accidental_hits, reduction=loss_cfg.reduction,
         row_chunk=loss_cfg.row_chunk)
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = optax.tree.norm(grads)
+  inputs = {"query_tower": feats.query_features(catalog, batch["user_index"], batch["history"]),
+            "item_tower": feats.item_features(catalog, unique_items)}
+  if config.optimizer.get("embeddings", "dense") == "rowwise_adagrad":
+    params, opt_state, metrics, grad_norm = rowsparse.value_grad_and_update(
+        loss_fn, state.params, state.opt_state, inputs, graphdef=graphdef, tx=tx)
+  else:
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, inputs)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+  metrics["grad_norm"] = grad_norm
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
