@@ -35,9 +35,15 @@ Hook = Callable[[int, "TrainState"], None]
 # ----------------------------------------------------------------------------- step
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Catalog, *,
-               graphdef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-               mesh: Mesh) -> tuple[TrainState, dict[str, jax.Array]]:
+Inputs = dict[str, dict[str, jax.Array]]  # {"query_tower": features, "item_tower": features}
+
+
+def batch_loss(step: jax.Array, batch: dict[str, jax.Array], catalog: feats.Catalog, *, graphdef,
+               config: ml_collections.ConfigDict, mesh: Mesh
+               ) -> tuple[Callable[[Any, Inputs], tuple[jax.Array, dict]], Inputs]:
+  """(loss_fn, inputs) of training step `step` on `batch`: `loss_fn(params, inputs)` is the
+  sampled-softmax loss (and metrics) of the towers' features `inputs`, which hold the rows the
+  embedding tables are looked up with (the row-sparse update renumbers them)."""
   loss_cfg = config.loss
   sampling_prob = catalog["item"][feats.SAMPLING_PROB]
   num_items = sampling_prob.shape[0]
@@ -45,7 +51,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
   num_negatives = loss_cfg.num_uniform_negatives
   negatives = None
   if num_negatives > 0:
-    key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    key = jax.random.fold_in(jax.random.key(config.seed), step)
     negatives = jax.random.randint(key, (num_negatives,), 0, num_items)
   # Rows of weight 0 are the loader's padding of a short last batch: not negatives, not counted.
   valid = batch["weight"] > 0
@@ -70,6 +76,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
 
   inputs = {"query_tower": feats.query_features(catalog, batch["user_index"], batch["history"]),
             "item_tower": feats.item_features(catalog, unique_items)}
+  return loss_fn, inputs
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Catalog, *,
+               graphdef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+               mesh: Mesh) -> tuple[TrainState, dict[str, jax.Array]]:
+  loss_fn, inputs = batch_loss(state.step, batch, catalog, graphdef=graphdef, config=config,
+                               mesh=mesh)
   if config.optimizer.get("embeddings", "dense") == "rowwise_adagrad":
     params, opt_state, metrics, grad_norm = rowsparse.value_grad_and_update(
         loss_fn, state.params, state.opt_state, inputs, graphdef=graphdef, tx=tx)
