@@ -164,8 +164,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The nightly lifecycle (python -m launch.nightly): one work directory trained day after day.
   # There train.num_steps / train.num_epochs are each day's budget, and each day runs the
   # optimizer.schedule over its own steps. Keys of this block and of `gate`, train.*,
-  # optimizer.learning_rate / schedule / warmup_steps and the runtime keys may change between days;
-  # any other change (the model's shape, the features) is refused.
+  # optimizer.learning_rate / embedding_learning_rate / schedule / warmup_steps and the runtime keys
+  # may change between days; any other change (the model's shape, the features) is refused.
   c.nightly = n = ml_collections.ConfigDict()
   n.min_count = 1  # occurrences (over days) before an ID gets its own row; until then a hashed bucket
   n.expire_after_days = 0  # an ID unseen for this many days is evicted and its row reused; 0: never
