@@ -62,10 +62,12 @@ def worker(args: argparse.Namespace) -> dict:
   config.optimizer.embeddings = args.embeddings
   items, users, length = num_items + 2, NUM_USERS + 2, config.data.history_length  # + PAD, OOV
   schema = Schema(
-      features=(Feature("user_id", "user", "id", users), Feature("segment", "user", "categorical", 6),
+      features=(Feature("user_id", "user", "id", users),
+                Feature("segment", "user", "categorical", 6),
                 Feature("age", "user", "categorical", 8), Feature("account_age", "user", "numeric"),
                 Feature("history", "user", "history", items, length=length),
-                Feature("item_id", "item", "id", items), Feature("category", "item", "categorical", 42),
+                Feature("item_id", "item", "id", items),
+                Feature("category", "item", "categorical", 42),
                 Feature("tags", "item", "multi", 62, length=TAGS_PER_ITEM),
                 Feature("price", "item", "numeric")),
       num_users=NUM_USERS, num_items=num_items, history_length=length, split_sizes={"train": 1})

@@ -130,7 +130,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if len(q) != 2 or not 0 < q[0] <= q[1] <= 1:
       problems.append(f"data.split.time_quantiles={q!r} must be (validation, test) cuts with "
                       "0 < validation <= test <= 1")
-  if values.get("optimizer.embeddings") == "rowwise_adagrad" and values.get("optimizer.grad_clip_norm", 0) > 0:
+  if (values.get("optimizer.embeddings") == "rowwise_adagrad"
+      and values.get("optimizer.grad_clip_norm", 0) > 0):
     problems.append("optimizer.grad_clip_norm would clip only the dense layers' gradients with "
                     "optimizer.embeddings='rowwise_adagrad' (whose row steps are bounded by "
                     "optimizer.embedding_learning_rate already): set optimizer.grad_clip_norm=0")

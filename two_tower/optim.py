@@ -1,5 +1,5 @@
-"""optax optimizers and learning-rate schedules from config.optimizer (the embedding tables' row-sparse
-updates, optimizer.embeddings="rowwise_adagrad", are in two_tower/rowsparse.py)."""
+"""optax optimizers and learning-rate schedules from config.optimizer (the embedding tables'
+row-sparse updates, optimizer.embeddings="rowwise_adagrad", are in two_tower/rowsparse.py)."""
 
 from __future__ import annotations
 

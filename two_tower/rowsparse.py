@@ -61,9 +61,9 @@ def table_of_feature(model: nnx.Module) -> dict[tuple[str, str], str]:
 
 
 class SparseLookups(NamedTuple):
-  rows: dict[str, jax.Array]  # table path -> [U] distinct row ids looked up (free slots: out of range)
+  rows: dict[str, jax.Array]  # table path -> [U] distinct row ids (free slots: out of range)
   gathered: dict[str, jax.Array]  # table path -> [U, dim] those rows (zeros in free slots)
-  inputs: dict[str, dict[str, jax.Array]]  # tower -> features, table ids replaced by slots in `rows`
+  inputs: dict[str, dict[str, jax.Array]]  # tower -> features, table ids as slots of `rows`
 
 
 def gather_rows(params: Any, inputs: Mapping[str, Mapping[str, jax.Array]],
@@ -144,7 +144,8 @@ def scale_by_rowwise_adagrad() -> optax.GradientTransformationExtraArgs:
 
 
 def rowwise_adagrad(dense: optax.GradientTransformation,
-                    embedding_learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+                    embedding_learning_rate: optax.ScalarOrSchedule
+                    ) -> optax.GradientTransformation:
   """`dense` for every parameter but the embedding tables, row-wise Adagrad for the tables."""
   rows = optax.chain(scale_by_rowwise_adagrad(),
                      optax.scale_by_learning_rate(embedding_learning_rate))
