@@ -105,6 +105,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   o.weight_decay = 0.0
   o.grad_clip_norm = 0.0  # 0: no clipping
   o.adagrad_initial_accumulator = 0.1
+  # dense | rowwise_adagrad. dense: the embedding tables are parameters like the others
+  # (optimizer.name updates every row, and every row's state, on every step). rowwise_adagrad: each
+  # step reads and updates only the table rows its batch looks up, by row-wise Adagrad with one
+  # accumulator per row (TorchRec's and TPU embedding's default; two_tower/rowsparse.py): what
+  # keeps steps fast past ~1M rows. The dense layers keep optimizer.name. Not with grad_clip_norm.
+  o.embeddings = "dense"
+  # rowwise_adagrad's learning rate (on optimizer.schedule's shape). Adagrad divides each row's
+  # gradient by the root of its accumulated squares, so a row's step is about this size: it wants a
+  # rate 10-100x Adam's (0.05-0.5 is usual; 0.3 was best on MovieLens-100K validation, see README).
+  o.embedding_learning_rate = 0.3
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 1024  # global batch
@@ -158,8 +168,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The nightly lifecycle (python -m launch.nightly): one work directory trained day after day.
   # There train.num_steps / train.num_epochs are each day's budget, and each day runs the
   # optimizer.schedule over its own steps. Keys of this block and of `gate`, train.*,
-  # optimizer.learning_rate / schedule / warmup_steps and the runtime keys may change between days;
-  # any other change (the model's shape, the features) is refused.
+  # optimizer.learning_rate / embedding_learning_rate / schedule / warmup_steps and the runtime keys
+  # may change between days; any other change (the model's shape, the features) is refused.
   c.nightly = n = ml_collections.ConfigDict()
   n.min_count = 1  # occurrences (over days) before an ID gets its own row; until then a hashed bucket
   n.expire_after_days = 0  # an ID unseen for this many days is evicted and its row reused; 0: never

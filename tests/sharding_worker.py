@@ -31,14 +31,14 @@ from two_tower.state import create_train_state
 from two_tower.train import train_step
 
 
-def build(rows: int, *, dim: int, hidden: tuple[int, ...], optimizer: str, **mesh):
-
-
+def build(rows: int, *, dim: int, hidden: tuple[int, ...], optimizer: str,
+          embeddings: str = "dense", **mesh):
   c = get_base_config()
   c.model.query_features, c.model.item_features = ("user_id",), ("item_id",)
   c.model.id_embedding_dim, c.model.hidden_dims = dim, hidden
   c.model.output_dim = 16 if hidden else 0
   c.optimizer.name, c.optimizer.learning_rate = optimizer, 0.5
+  c.optimizer.embeddings = embeddings
   c.loss.row_chunk = 64
   c.mesh.update(mesh)
   users = 1000

@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.reduction": ("mean", "sum"),
     "optimizer.name": ("adam", "adamw", "adagrad", "sgd"),
     "optimizer.schedule": ("constant", "cosine", "warmup_cosine"),
+    "optimizer.embeddings": ("dense", "rowwise_adagrad"),
     "mesh.shard_tables_over": ("model", "all"),
     "eval.split": ("validation", "test"),
 }
@@ -44,6 +45,7 @@ _RANGES = (("nightly.min_count", 1, None), ("nightly.expire_after_days", 0, None
            ("data.synthetic.world.popularity_drift", 0.0, None))
 
 _POSITIVE = ("train.batch_size", "model.temperature", "optimizer.learning_rate",
+             "optimizer.embedding_learning_rate",
              "data.history_length", "train.log_every_steps", "eval.user_batch_size",
              "score.top_k", "score.batch_size", "score.users_per_shard", "index.embed_batch_size",
              "loss.row_chunk")
@@ -129,6 +131,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if len(q) != 2 or not 0 < q[0] <= q[1] <= 1:
       problems.append(f"data.split.time_quantiles={q!r} must be (validation, test) cuts with "
                       "0 < validation <= test <= 1")
+  if (values.get("optimizer.embeddings") == "rowwise_adagrad"
+      and values.get("optimizer.grad_clip_norm", 0) > 0):
+    problems.append("optimizer.grad_clip_norm would clip only the dense layers' gradients with "
+                    "optimizer.embeddings='rowwise_adagrad' (whose row steps are bounded by "
+                    "optimizer.embedding_learning_rate already): set optimizer.grad_clip_norm=0")
   ks = tuple(config.eval.ks)
   if not ks or min(ks) < 1:
     problems.append(f"eval.ks={ks!r} must be one or more positive cut-offs, e.g. (10, 50, 100)")

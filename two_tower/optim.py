@@ -1,13 +1,18 @@
-"""optax optimizers and learning-rate schedules from config.optimizer."""
+"""optax optimizers and learning-rate schedules from config.optimizer (the embedding tables'
+row-sparse updates, optimizer.embeddings="rowwise_adagrad", are in two_tower/rowsparse.py)."""
 
 from __future__ import annotations
 
 import ml_collections
 import optax
 
+from two_tower import rowsparse
 
-def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-  lr = cfg.learning_rate
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int,
+                           peak: float | None = None) -> optax.Schedule:
+  """optimizer.schedule over `num_steps`, peaking at `peak` (default optimizer.learning_rate)."""
+  lr = cfg.learning_rate if peak is None else peak
   if cfg.schedule == "constant":
     return optax.constant_schedule(lr)
   if cfg.schedule == "cosine":
@@ -34,4 +39,11 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
     raise ValueError(f"optimizer.name must be adam, adamw, adagrad or sgd, got {cfg.name!r}")
   if cfg.grad_clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
+  embeddings = cfg.get("embeddings", "dense")
+  if embeddings == "rowwise_adagrad":
+    # The embedding tables by rows (two_tower/rowsparse.py), on the same schedule's shape.
+    return rowsparse.rowwise_adagrad(
+        opt, learning_rate_schedule(cfg, num_steps, peak=cfg.embedding_learning_rate))
+  if embeddings != "dense":
+    raise ValueError(f"optimizer.embeddings must be dense or rowwise_adagrad, got {embeddings!r}")
   return opt

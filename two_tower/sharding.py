@@ -218,14 +218,24 @@ def param_shardings(abstract_state, mesh: Mesh, cfg: ml_collections.ConfigDict |
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param_sh, mesh: Mesh):
   """Shardings of `tx`'s state: each copy of the parameter tree in it (Adam's moments, Adagrad's
-  accumulators) takes the parameters' shardings; the rest (step counts) is replicated.
+  accumulators) takes the parameters' shardings; a per-row state of an embedding table (row-wise
+  Adagrad's one accumulator per row, two_tower/rowsparse.py) takes the table's row sharding, so a
+  row and its state live on the same device; the rest (step counts) is replicated.
 
   Compiling `tx.init` and reading its output shardings does not work: its outputs are constants
   (zeros), which XLA places on a single device rather than following the parameters.
   """
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  return optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
-                               transform_non_params=lambda _: replicated(mesh))
+
+  def place(state, sh, param):
+    if isinstance(state, optax.MaskedNode):  # a parameter this part of the optimizer leaves alone
+      return state
+    if len(state.shape) < len(param.shape):  # per row: the table's first dimension
+      return NamedSharding(mesh, P(*tuple(sh.spec)[:len(state.shape)]))
+    return sh
+  return optax.tree_map_params(tx, place, abstract_opt, param_sh, abstract_params,
+                               transform_non_params=lambda _: replicated(mesh),
+                               is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 # ----------------------------------------------------------------------------- memory

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from pipelines import loader
 from pipelines.prepare import PreparedData
-from two_tower import atomic, sharding
+from two_tower import atomic, rowsparse, sharding
 from two_tower import features as feats
 from two_tower.checkpoint import Checkpointer
 from two_tower.evaluation import Evaluator
@@ -35,9 +35,15 @@ Hook = Callable[[int, "TrainState"], None]
 # ----------------------------------------------------------------------------- step
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Catalog, *,
-               graphdef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-               mesh: Mesh) -> tuple[TrainState, dict[str, jax.Array]]:
+Inputs = dict[str, dict[str, jax.Array]]  # {"query_tower": features, "item_tower": features}
+
+
+def batch_loss(step: jax.Array, batch: dict[str, jax.Array], catalog: feats.Catalog, *, graphdef,
+               config: ml_collections.ConfigDict, mesh: Mesh
+               ) -> tuple[Callable[[Any, Inputs], tuple[jax.Array, dict]], Inputs]:
+  """(loss_fn, inputs) of training step `step` on `batch`: `loss_fn(params, inputs)` is the
+  sampled-softmax loss (and metrics) of the towers' features `inputs`, which hold the rows the
+  embedding tables are looked up with (the row-sparse update renumbers them)."""
   loss_cfg = config.loss
   sampling_prob = catalog["item"][feats.SAMPLING_PROB]
   num_items = sampling_prob.shape[0]
@@ -45,7 +51,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
   num_negatives = loss_cfg.num_uniform_negatives
   negatives = None
   if num_negatives > 0:
-    key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    key = jax.random.fold_in(jax.random.key(config.seed), step)
     negatives = jax.random.randint(key, (num_negatives,), 0, num_items)
   # Rows of weight 0 are the loader's padding of a short last batch: not negatives, not counted.
   valid = batch["weight"] > 0
@@ -59,19 +65,34 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
         global_negatives=loss_cfg.global_negatives, num_uniform_negatives=num_negatives,
         num_items=num_items))
 
-  def loss_fn(params):
+  def loss_fn(params, inputs):
     model = nnx.merge(graphdef, params)
-    queries = model.embed_queries(feats.query_features(catalog, batch["user_index"], batch["history"]))
-    candidates = model.embed_items(feats.item_features(catalog, unique_items))
+    queries = model.embed_queries(inputs["query_tower"])
+    candidates = model.embed_items(inputs["item_tower"])
     return sampled_softmax_loss(
         queries, candidates, positive, counts, batch["weight"], mesh=mesh, log_q=log_q,
         remove_accidental_hits=loss_cfg.remove_accidental_hits, reduction=loss_cfg.reduction,
         row_chunk=loss_cfg.row_chunk)
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = optax.tree.norm(grads)
+  inputs = {"query_tower": feats.query_features(catalog, batch["user_index"], batch["history"]),
+            "item_tower": feats.item_features(catalog, unique_items)}
+  return loss_fn, inputs
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Catalog, *,
+               graphdef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+               mesh: Mesh) -> tuple[TrainState, dict[str, jax.Array]]:
+  loss_fn, inputs = batch_loss(state.step, batch, catalog, graphdef=graphdef, config=config,
+                               mesh=mesh)
+  if config.optimizer.get("embeddings", "dense") == "rowwise_adagrad":
+    params, opt_state, metrics, grad_norm = rowsparse.value_grad_and_update(
+        loss_fn, state.params, state.opt_state, inputs, graphdef=graphdef, tx=tx)
+  else:
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, inputs)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+  metrics["grad_norm"] = grad_norm
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -4,8 +4,8 @@ Every embedding table is indexed by a vocabulary of the ID registry (`two_tower/
 A row whose owner is the same on both days keeps its embedding and its optimizer slots bit for
 bit; every other row (a new ID, a reused row of an evicted ID, the rows a growth chunk added) is
 what a freshly initialised model and optimizer hold there (the model's initialiser; Adam's zero
-moments, Adagrad's initial accumulator). Dense layers and scalar optimizer state (counts) carry
-over whole.
+moments, Adagrad's initial accumulator, row-wise Adagrad's zero row accumulators). Dense layers and
+scalar optimizer state (counts) carry over whole.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def grow(fresh: Any, parent: Any, carried: Mapping[str, np.ndarray],
     name = path_name(path)
     old = old_leaves[name]
     match = _TABLE.search(name)
-    if match is None or getattr(new, "ndim", 0) != 2:
+    # 2-D: a table, or its moments; 1-D: a per-row state (row-wise Adagrad's accumulators).
+    if match is None or getattr(new, "ndim", 0) not in (1, 2):
       if tuple(jnp.shape(old)) != tuple(jnp.shape(new)):
         raise ValueError(f"{name}: shape {jnp.shape(old)} yesterday, {jnp.shape(new)} today; "
                          "only embedding tables may grow")
@@ -57,7 +58,7 @@ def grow(fresh: Any, parent: Any, carried: Mapping[str, np.ndarray],
       raise ValueError(f"{name}: {old.shape[0]} rows yesterday, {new.shape[0]} today, "
                        f"{rows.shape[0]} in the registry: tables only grow, by the registry")
     widened = jnp.zeros_like(new).at[:old.shape[0]].set(old)
-    return jnp.where(jnp.asarray(rows)[:, None], widened, new)
+    return jnp.where(jnp.asarray(rows).reshape((-1,) + (1,) * (new.ndim - 1)), widened, new)
 
   return jax.tree_util.tree_map_with_path(one, fresh)
 
