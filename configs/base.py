@@ -84,6 +84,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # log-sum-exp, evaluation and index embeddings are float32 either way. It changes the trained
   # model (slightly), so it is not a runtime key: a work directory keeps the one it started with.
   m.compute_dtype = "float32"
+  # ID dropout (training only): each step, with this probability an example's user ID and each
+  # candidate item's ID are replaced by a hashed-bucket row, the row a new ID without interactions
+  # is looked up to, so the other features alone learn to carry signal (cold start: tonight's new
+  # items are embedded from a bucket row plus their features). Needs data.num_oov_buckets >= 1.
+  # Deterministic given seed and step. 0: off.
+  m.id_dropout = 0.0
 
   c.loss = l = ml_collections.ConfigDict()
   l.remove_accidental_hits = True
@@ -154,8 +160,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The nightly lifecycle (python -m launch.nightly): one work directory trained day after day.
   # There train.num_steps / train.num_epochs are each day's budget, and each day runs the
   # optimizer.schedule over its own steps. Keys of this block and of `gate`, train.*,
-  # optimizer.learning_rate / schedule / warmup_steps and the runtime keys may change between days;
-  # any other change (the model's shape, the features) is refused.
+  # optimizer.learning_rate / schedule / warmup_steps, model.id_dropout and the runtime keys may
+  # change between days; any other change (the model's shape, the features) is refused.
   c.nightly = n = ml_collections.ConfigDict()
   n.min_count = 1  # occurrences (over days) before an ID gets its own row; until then a hashed bucket
   n.expire_after_days = 0  # an ID unseen for this many days is evicted and its row reused; 0: never

@@ -52,7 +52,7 @@ STAGES = ("prepare", "train", "evaluate", "gate", "index", "candidates", "publis
 # Keys that may differ from the recorded config between days: they do not change the shape of the
 # model or of its optimizer state.
 DAILY_KEYS = RUNTIME_KEYS + ("train.", "optimizer.learning_rate", "optimizer.schedule",
-                             "optimizer.warmup_steps", "nightly.", "gate.")
+                             "optimizer.warmup_steps", "model.id_dropout", "nightly.", "gate.")
 REGISTRY = "registry.npz"
 
 

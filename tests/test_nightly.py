@@ -77,10 +77,15 @@ def test_world_config_is_validated():
   c.data.synthetic.date = "2026-13-01"
   c.data.synthetic.world.new_items_per_day = -0.1
   c.gate.metric = "recall@7"
+  c.model.id_dropout = 1.5
   with pytest.raises(ConfigError) as e:
     config_lib.validate(c)
-  for key in ("data.synthetic.date", "new_items_per_day", "gate.metric"):
+  for key in ("data.synthetic.date", "new_items_per_day", "gate.metric", "model.id_dropout"):
     assert key in str(e.value)
+  c = tiny_nightly_config()
+  c.model.id_dropout, c.data.num_oov_buckets = 0.2, 0
+  with pytest.raises(ConfigError, match="model.id_dropout .* data.num_oov_buckets >= 1"):
+    config_lib.validate(c)
   with pytest.raises(ConfigError, match="before the synthetic world"):
     synthetic.generate_day(tiny_nightly_config().data.synthetic, "2025-12-31")
 
@@ -277,6 +282,52 @@ def test_warm_start_growth_keeps_old_rows_and_slots_bit_identical(two_days):
   np.testing.assert_array_equal(old_item.lookup(kept), new_item.lookup(kept))
   name = "params/item_tower/embedding/tables/item_id/embedding"
   assert not np.array_equal(new[name][old_item.lookup(kept)], fresh[name][old_item.lookup(kept)])
+
+
+# ----------------------------------------------------------------------------- ID dropout
+
+
+def test_drop_ids_replaces_own_rows_by_buckets_at_the_rate():
+  import jax
+  import jax.numpy as jnp
+  from two_tower import features as feats
+  rows = jnp.asarray(np.r_[0, 1, 2, np.arange(3, 4003)], jnp.int32)  # padding, 2 buckets, IDs
+  features = {"user_id": rows, "segment": rows}
+  key = jax.random.key(0)
+  out = feats.drop_ids(features, key, 0.3, num_oov=2)
+  dropped = np.asarray(out["user_id"]) != np.asarray(rows)
+  assert 0.27 < dropped[3:].mean() < 0.33  # own rows, at the rate
+  assert not dropped[:3].any()  # padding and bucket rows stay
+  np.testing.assert_array_equal(np.asarray(out["user_id"])[dropped], 1 + np.asarray(rows)[dropped] % 2)
+  np.testing.assert_array_equal(out["segment"], rows)  # other features untouched
+  np.testing.assert_array_equal(feats.drop_ids(features, key, 0.3, 2)["user_id"], out["user_id"])
+  assert not np.array_equal(feats.drop_ids(features, jax.random.key(1), 0.3, 2)["user_id"],
+                            out["user_id"])
+
+
+def test_id_dropout_trains_the_bucket_row_instead_of_the_ids(two_days):
+  import dataclasses
+  s = two_days["setup1"]
+  name = {"user": "query_tower/embedding/tables/user_id/embedding",
+          "item": "item_tower/embedding/tables/item_id/embedding"}
+  before = _numpy(s.state.params)
+  moved = {}
+  for rate in (0.0, 0.5, 1.0):
+    config = s.config.copy_and_resolve_references()
+    config.model.id_dropout = rate
+    trainer = _Trainer(dataclasses.replace(s, config=config))
+    after = _numpy(trainer.run(s.state, range(2)).params)
+    moved[rate] = {side: np.abs(after[n] - before[n]).sum(1) > 0 for side, n in name.items()}
+    if rate == 0.5:  # deterministic given the seed and the step
+      again = _numpy(trainer.run(s.state, range(2)).params)
+      for n in name.values():
+        np.testing.assert_array_equal(after[n], again[n])
+  assert not moved[0.0]["user"][1]  # every user has a row of its own: no dropout, no bucket
+  for side in name:
+    own = slice(2, None)  # rows past padding and the bucket (data.num_oov_buckets=1)
+    assert moved[0.0][side][own].sum() > 50
+    assert moved[1.0][side][1] and not moved[1.0][side][own].any()  # only the bucket learns
+    assert moved[0.5][side][1] and 0 < moved[0.5][side][own].sum() <= moved[0.0][side][own].sum()
 
 
 # ----------------------------------------------------------------------------- the nightly job

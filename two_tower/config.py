@@ -35,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Ranges of the nightly keys: (key, low, high), inclusive.
 _RANGES = (("nightly.min_count", 1, None), ("nightly.expire_after_days", 0, None),
            ("nightly.row_chunk", 1, None), ("gate.max_regression", 0.0, 1.0),
+           ("model.id_dropout", 0.0, 1.0),
            ("data.synthetic.world.interactions_per_day", 1, None),
            ("data.synthetic.world.new_users_per_day", 0.0, None),
            ("data.synthetic.world.new_items_per_day", 0.0, None),
@@ -117,6 +118,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if "gate.metric" in values and values["gate.metric"] not in _metric_names(config.eval.ks):
     problems.append(f"gate.metric={values['gate.metric']!r} is not an evaluation metric; choose one "
                     f"of {', '.join(_metric_names(config.eval.ks))}")
+  if values.get("model.id_dropout", 0) > 0 and values.get("data.num_oov_buckets", 1) < 1:
+    problems.append("model.id_dropout replaces IDs by a hashed-bucket row: set "
+                    "data.num_oov_buckets >= 1 (or model.id_dropout=0)")
   split = config.data.split
   if split.kind in ("random", "per_user_ratio"):
     ratios = tuple(split.ratios)

@@ -59,10 +59,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
         global_negatives=loss_cfg.global_negatives, num_uniform_negatives=num_negatives,
         num_items=num_items))
 
+  query_features = feats.query_features(catalog, batch["user_index"], batch["history"])
+  item_features = feats.item_features(catalog, unique_items)
+  if config.model.id_dropout > 0:
+    key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    drop = functools.partial(feats.drop_ids, rate=config.model.id_dropout,
+                             num_oov=config.data.num_oov_buckets)
+    query_features = drop(query_features, jax.random.fold_in(key, 1))
+    item_features = drop(item_features, jax.random.fold_in(key, 2))
+
   def loss_fn(params):
     model = nnx.merge(graphdef, params)
-    queries = model.embed_queries(feats.query_features(catalog, batch["user_index"], batch["history"]))
-    candidates = model.embed_items(feats.item_features(catalog, unique_items))
+    queries = model.embed_queries(query_features)
+    candidates = model.embed_items(item_features)
     return sampled_softmax_loss(
         queries, candidates, positive, counts, batch["weight"], mesh=mesh, log_q=log_q,
         remove_accidental_hits=loss_cfg.remove_accidental_hits, reduction=loss_cfg.reduction,
