@@ -30,6 +30,9 @@ def get_base_config() -> ml_collections.ConfigDict:
           daily_active_users=0.3,  # share of the earlier users active on a day (new ones always are)
           item_lifetime_days=60.0,  # median; popularity fades as exp(-age / lifetime), gone at 2x
           popularity_drift=0.5,  # amplitude (log scale) of each item's periodic popularity drift
+          # The interactions of this many days up to the date (users and items of any of them, no
+          # oracle): a full retrain's data (benchmarks/nightly.py). 1: the day alone.
+          window_days=1,
       )),
   ))
   d.logs = ml_collections.ConfigDict(dict(

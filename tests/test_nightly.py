@@ -65,6 +65,33 @@ def test_world_is_deterministic_and_changes_by_day():
   assert observed.mean() > scores.mean() + 1.0
 
 
+def test_world_window_holds_the_days_up_to_the_date():
+  cfg = tiny_nightly_config().data.synthetic
+  day2, _ = synthetic.generate_day(cfg, "2026-01-02")
+  day3, _ = synthetic.generate_day(cfg, "2026-01-03")
+  cfg.world.window_days = 2
+  window, planted = synthetic.generate_day(cfg, "2026-01-03")
+  assert planted is None
+  for key in day3.interactions:
+    np.testing.assert_array_equal(
+        window.interactions[key], np.concatenate([day2.interactions[key], day3.interactions[key]]))
+  np.testing.assert_array_equal(window.users["user_id"],
+                                np.union1d(day2.users["user_id"], day3.users["user_id"]))
+  np.testing.assert_array_equal(window.items["item_id"],
+                                np.union1d(day2.items["item_id"], day3.items["item_id"]))
+  # A user of both days has day 3's features (its account is a day older), one of day 2 only, day 2's.
+  both = np.intersect1d(day2.users["user_id"], day3.users["user_id"])[0]
+  only2 = np.setdiff1d(day2.users["user_id"], day3.users["user_id"])[0]
+  age = lambda raw, u: raw.users["account_age"][np.searchsorted(raw.users["user_id"], u)]  # noqa: E731
+  assert age(window, both) == age(day3, both) != age(day2, both)
+  assert age(window, only2) == age(day2, only2)
+  tags = dict(zip(window.items["item_id"].tolist(), window.items["tags"]))
+  assert all(tags[i] == t for i, t in zip(day3.items["item_id"].tolist(), day3.items["tags"]))
+  # The first day has no earlier days.
+  first, _ = synthetic.generate_day(cfg, "2026-01-01")
+  assert len(first.interactions["item_id"]) == len(day2.interactions["item_id"])
+
+
 def test_static_synthetic_data_is_unchanged():
   # The default job's build (and so its name) does not see the world's keys.
   settings = prepare.build_settings(synthetic_config.get_config().data)

@@ -41,7 +41,8 @@ _RANGES = (("nightly.min_count", 1, None), ("nightly.expire_after_days", 0, None
            ("data.synthetic.world.new_items_per_day", 0.0, None),
            ("data.synthetic.world.daily_active_users", 0.0, 1.0),
            ("data.synthetic.world.item_lifetime_days", 1e-3, None),
-           ("data.synthetic.world.popularity_drift", 0.0, None))
+           ("data.synthetic.world.popularity_drift", 0.0, None),
+           ("data.synthetic.world.window_days", 1, None))
 
 _POSITIVE = ("train.batch_size", "model.temperature", "optimizer.learning_rate",
              "data.history_length", "train.log_every_steps", "eval.user_batch_size",
