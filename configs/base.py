@@ -97,6 +97,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss = l = ml_collections.ConfigDict()
   l.remove_accidental_hits = True
   l.logq_correction = False
+  # Q of the logQ correction: static (each item's share of the prepared training split) | streaming
+  # (decayed counts of the positives trained on so far, per item-ID row, with this half-life in
+  # steps; carried in checkpoints and, in the nightly lifecycle, across days; needs "item_id" in
+  # model.item_features). See two_tower/item_frequency.py.
+  l.logq_estimator = "static"
+  l.logq_half_life_steps = 500.0
   l.num_uniform_negatives = 0  # extra negatives sampled uniformly from the catalog (mixed negatives)
   l.global_negatives = True  # in-batch negatives from the whole global batch, not the local shard
   l.reduction = "mean"  # mean | sum (sum is what TFRS's Retrieval task uses)

@@ -227,13 +227,10 @@ def _numpy(tree):
   return {k: np.asarray(v) for k, v in named_leaves(jax.device_get(tree)).items()}
 
 
-@pytest.fixture(scope="module")
-def two_days(tmp_path_factory):
+def _two_days(root, config):
   """Day 1 trained for 4 steps (checkpointed) and day 2 prepared, in a nightly layout."""
   from two_tower.checkpoint import Checkpointer
   from two_tower.train import setup_training
-  root = str(tmp_path_factory.mktemp("warm"))
-  config = tiny_nightly_config()
   config.nightly.row_chunk = 8  # small chunks: day 2's new IDs grow the tables
   day1, cfg1, reg1 = _prepare_day(root, "2026-01-01", config, registry_lib.Registry.empty())
   setup1 = setup_training(cfg1, day1)
@@ -245,6 +242,18 @@ def two_days(tmp_path_factory):
   day2, cfg2, reg2 = _prepare_day(root, "2026-01-02", config, reg1)
   return dict(setup1=setup1, trainer1=trainer1, state=state, checkpointer=checkpointer,
               reg1=reg1, reg2=reg2, setup2=setup_training(cfg2, day2))
+
+
+@pytest.fixture(scope="module")
+def two_days(tmp_path_factory):
+  return _two_days(str(tmp_path_factory.mktemp("warm")), tiny_nightly_config())
+
+
+@pytest.fixture(scope="module")
+def two_days_streaming(tmp_path_factory):
+  config = tiny_nightly_config()
+  config.loss.update(logq_estimator="streaming", logq_half_life_steps=3.0)
+  return _two_days(str(tmp_path_factory.mktemp("warm_streaming")), config)
 
 
 def test_warm_start_without_new_ids_continues_exactly(two_days):
@@ -355,6 +364,85 @@ def test_id_dropout_trains_the_bucket_row_instead_of_the_ids(two_days):
     assert moved[0.0][side][own].sum() > 50
     assert moved[1.0][side][1] and not moved[1.0][side][own].any()  # only the bucket learns
     assert moved[0.5][side][1] and 0 < moved[0.5][side][own].sum() <= moved[0.0][side][own].sum()
+
+
+# ----------------------------------------------------------------------------- streaming logQ
+
+
+def test_streaming_frequency_follows_a_changing_stream():
+  import jax
+  import jax.numpy as jnp
+  from two_tower import item_frequency
+  num_rows, batch, half_life = 50, 256, 20.0
+  first = np.random.default_rng(0).dirichlet(np.ones(num_rows))
+  second = np.roll(first, 17)  # the same popularity levels on other items
+  rng = np.random.default_rng(1)
+  stream = np.concatenate([rng.choice(num_rows, (200, batch), p=first),
+                           rng.choice(num_rows, (200, batch), p=second)])
+  valid = np.ones(batch, bool)
+  valid[-6:] = False  # padding rows do not count
+
+  @jax.jit
+  def run(rows):
+    def step(counts, r):
+      counts = item_frequency.update(counts, r, jnp.asarray(valid), half_life_steps=half_life)
+      return counts, counts
+    return jax.lax.scan(step, item_frequency.initial(num_rows), rows)[1]
+
+  history = run(jnp.asarray(stream))
+  at = lambda t: np.asarray(item_frequency.probability(  # noqa: E731
+      history[t - 1], jnp.asarray(t), half_life_steps=half_life, batch_size=batch))
+  scale = valid.mean()  # the estimate is per row of the batch, padding rows included
+  # Early (bias-corrected) and at the end of each phase, the estimate is that phase's frequency.
+  for t, truth, tolerance in ((5, first, 0.3), (200, first, 0.1), (400, second, 0.1)):
+    assert np.abs(at(t) / scale - truth).sum() < tolerance, t
+  assert np.abs(at(400) / scale - first).sum() > 1.0  # and not the first phase's any more
+
+
+def test_streaming_counts_resume_bit_exactly(two_days_streaming, tmp_path):
+  from two_tower.checkpoint import Checkpointer
+  s = two_days_streaming["setup1"]
+  trainer = two_days_streaming["trainer1"]
+  state = two_days_streaming["state"]
+  counts = np.asarray(state.item_counts)
+  item_rows = np.asarray(s.catalog["item"]["item_id"])
+  trained = np.unique(item_rows[np.concatenate([b["item_index"] for b in trainer.batches[:4]])])
+  assert (counts[trained] > 0).all() and (np.delete(counts, trained) == 0).all()
+  checkpointer = Checkpointer(str(tmp_path / "ckpt"))
+  checkpointer.save(4, state, force=True)
+  checkpointer.wait()
+  restored = checkpointer.restore_train_state(4, s.state)
+  np.testing.assert_array_equal(restored.item_counts, counts)
+  a, b = trainer.run(state, range(4, 7)), trainer.run(restored, range(4, 7))
+  np.testing.assert_array_equal(a.item_counts, b.item_counts)
+  pa, pb = _numpy(a.params), _numpy(b.params)
+  for name in pa:
+    np.testing.assert_array_equal(pa[name], pb[name], err_msg=name)
+  assert not np.array_equal(np.asarray(a.item_counts), counts)
+
+
+def test_streaming_counts_change_the_loss_and_follow_the_registry(two_days_streaming, two_days):
+  from two_tower import warm_start
+  s1, s2 = two_days_streaming["setup1"], two_days_streaming["setup2"]
+  reg1, reg2 = two_days_streaming["reg1"], two_days_streaming["reg2"]
+  # Streaming Q trains another model than the static one from the same start.
+  static = _numpy(two_days["state"].params)
+  streaming = _numpy(two_days_streaming["state"].params)
+  assert any(not np.array_equal(static[n], streaming[n]) for n in static)
+  tables = warm_start.table_vocabularies(s2.data.schema)
+  carried = {v: registry_lib.carried_rows(reg1.vocab(v), reg2.vocab(v)) for v in set(tables.values())}
+  grown = warm_start.warm_start_state(two_days_streaming["checkpointer"], 4, s1.data.schema,
+                                      s2.state, s2.state_sharding, s2.config, s2.tx, s2.mesh,
+                                      carried, tables)
+  old, new = np.asarray(two_days_streaming["state"].item_counts), np.asarray(grown.item_counts)
+  rows = carried["item_id"]
+  assert len(new) == len(rows) > len(old)
+  np.testing.assert_array_equal(new[rows], old[np.flatnonzero(rows)])
+  assert not new[~rows].any()  # new rows (and grown capacity) start uncounted
+  kept = np.intersect1d(reg1.vocab("item_id").ids, reg2.vocab("item_id").ids)
+  np.testing.assert_array_equal(new[reg2.vocab("item_id").lookup(kept)],
+                                old[reg1.vocab("item_id").lookup(kept)])
+  assert old[reg1.vocab("item_id").lookup(kept)].any()
 
 
 # ----------------------------------------------------------------------------- the nightly job

@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.cache": ("auto", "always", "never"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "loss.reduction": ("mean", "sum"),
+    "loss.logq_estimator": ("static", "streaming"),
     "optimizer.name": ("adam", "adamw", "adagrad", "sgd"),
     "optimizer.schedule": ("constant", "cosine", "warmup_cosine"),
     "mesh.shard_tables_over": ("model", "all"),
@@ -47,7 +48,7 @@ _RANGES = (("nightly.min_count", 1, None), ("nightly.expire_after_days", 0, None
 _POSITIVE = ("train.batch_size", "model.temperature", "optimizer.learning_rate",
              "data.history_length", "train.log_every_steps", "eval.user_batch_size",
              "score.top_k", "score.batch_size", "score.users_per_shard", "index.embed_batch_size",
-             "loss.row_chunk")
+             "loss.row_chunk", "loss.logq_half_life_steps")
 _NON_NEGATIVE = ("train.eval_every_steps", "train.early_stopping_evals", "loss.num_uniform_negatives",
                  "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
                  "data.num_oov_buckets", "data.worker_count", "index.keep_versions")
@@ -122,6 +123,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if values.get("model.id_dropout", 0) > 0 and values.get("data.num_oov_buckets", 1) < 1:
     problems.append("model.id_dropout replaces IDs by a hashed-bucket row: set "
                     "data.num_oov_buckets >= 1 (or model.id_dropout=0)")
+  if values.get("loss.logq_estimator") == "streaming":
+    if not values.get("loss.logq_correction"):
+      problems.append("loss.logq_estimator='streaming' estimates the logQ correction's Q: set "
+                      "loss.logq_correction=True (or loss.logq_estimator='static')")
+    if "item_id" not in values.get("model.item_features", ()):
+      problems.append("loss.logq_estimator='streaming' counts items by their item_id rows: add "
+                      "'item_id' to model.item_features (or use loss.logq_estimator='static')")
   split = config.data.split
   if split.kind in ("random", "per_user_ratio"):
     ratios = tuple(split.ratios)

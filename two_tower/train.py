@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from pipelines import loader
 from pipelines.prepare import PreparedData
-from two_tower import atomic, sharding
+from two_tower import atomic, item_frequency, sharding
 from two_tower import features as feats
 from two_tower.checkpoint import Checkpointer
 from two_tower.evaluation import Evaluator
@@ -52,6 +52,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
   unique_items, positive, counts = dedupe_candidates(
       batch["item_index"], negatives, num_items=num_items, num_shards=num_shards,
       global_negatives=loss_cfg.global_negatives, valid=valid)
+  item_counts = state.item_counts
+  if item_counts is not None:  # loss.logq_estimator="streaming": Q from the stream so far
+    item_rows = catalog["item"]["item_id"]
+    item_counts = item_frequency.update(item_counts, item_rows[batch["item_index"]], valid,
+                                        half_life_steps=loss_cfg.logq_half_life_steps)
+    sampling_prob = item_frequency.probability(
+        item_counts, state.step + 1, half_life_steps=loss_cfg.logq_half_life_steps,
+        batch_size=config.train.batch_size)[item_rows]
   log_q = None
   if loss_cfg.logq_correction:
     log_q = jnp.log(expected_counts(
@@ -81,7 +89,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.tree.norm(grads)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       item_counts=item_counts), metrics
 
 
 # ----------------------------------------------------------------------------- loop
