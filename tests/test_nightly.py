@@ -445,6 +445,68 @@ def test_streaming_counts_change_the_loss_and_follow_the_registry(two_days_strea
   assert old[reg1.vocab("item_id").lookup(kept)].any()
 
 
+# ----------------------------------------------------------------------------- replay
+
+
+def test_replay_sample_moves_earlier_examples_into_todays_indexing(two_days):
+  from pipelines import loader
+  from two_tower import replay
+  d1, d2 = two_days["setup1"].data, two_days["setup2"].data
+  reg1, reg2 = two_days["reg1"], two_days["reg2"]
+  sample = replay.sample_day(d1, reg1, d2, reg2, 0.5, 0, "2026-01-01", "2026-01-02")
+  again = replay.sample_day(d1, reg1, d2, reg2, 0.5, 0, "2026-01-01", "2026-01-02")
+  other = replay.sample_day(d1, reg1, d2, reg2, 0.5, 0, "2026-01-01", "2026-01-03")
+  for k in loader.BATCH_KEYS:
+    np.testing.assert_array_equal(sample[k], again[k])  # a rerun replays the same examples
+  assert not np.array_equal(sample["item_index"], other["item_index"])
+  earlier = loader.open_split(d1.record_source("train"), d1.schema.history_length, "always")
+  n = len(sample["user_index"])
+  # Each replayed example is an earlier example: the same user, item and history, by raw ID.
+  raw = lambda data, side, rows: np.asarray(data.table(side, "raw_id"))[rows]  # noqa: E731
+  all_earlier = earlier.gather(np.arange(len(earlier)))
+  # Half of the earlier examples whose user and item are in today's catalog (the world's users
+  # are not all active every day: the others' examples cannot be replayed).
+  replayable = (np.isin(raw(d1, "user", all_earlier["user_index"]), d2.table("user", "raw_id"))
+                & np.isin(raw(d1, "item", all_earlier["item_index"]), d2.table("item", "raw_id")))
+  assert 0.4 * replayable.sum() < n < 0.6 * replayable.sum()
+  earlier_keys = set(zip(raw(d1, "user", all_earlier["user_index"]).tolist(),
+                         raw(d1, "item", all_earlier["item_index"]).tolist()))
+  replayed_keys = set(zip(raw(d2, "user", sample["user_index"]).tolist(),
+                          raw(d2, "item", sample["item_index"]).tolist()))
+  assert replayed_keys <= earlier_keys
+  item_id_of = {int(r): i for i, r in zip(reg2.vocab("item_id").ids.tolist(), reg2.vocab("item_id").rows)}
+  tokens = sample["history"][sample["history"] > 1]
+  assert len(tokens) and all(item_id_of[int(t)] in set(reg1.vocab("item_id").ids.tolist())
+                             for t in tokens[:200])
+  # The loader's view: today's split, then the replayed examples.
+  today = loader.open_split(d2.record_source("train"), d2.schema.history_length, "always")
+  both = replay.ReplaySplit(today, sample)
+  assert len(both) == len(today) + n
+  picked = both.gather(np.array([len(today) + 1, 0, len(today)]))
+  np.testing.assert_array_equal(picked["item_index"],
+                                [sample["item_index"][1], today.gather(np.array([0]))["item_index"][0],
+                                 sample["item_index"][0]])
+
+
+def test_nightly_replay_trains_on_the_day_and_the_sample(after_day1, tmp_path):
+  import math
+  from launch import nightly_jobs
+  root = _copy(after_day1, tmp_path / "w")
+  config = tiny_nightly_config()
+  config.nightly.update(replay_days=3, replay_rate=0.5)
+  summary = nightly_jobs.run_day(root, DAY2, config, log=lambda m: None)
+  (replayed,) = summary["replayed"].values()
+  assert list(summary["replayed"]) == [DAY1] and replayed > 0
+  day_dir = os.path.join(root, "days", DAY2)
+  with open(os.path.join(day_dir, "train_summary.json")) as f:
+    assert json.load(f)["replayed_examples"] == replayed
+  from two_tower.workdir import Workdir
+  day = Workdir(day_dir)
+  train_size = day.prepare_data(day.config()).schema.split_sizes["train"]
+  steps = math.ceil(round((train_size + replayed) * config.train.num_epochs) / config.train.batch_size)
+  assert summary["model_step"] - _summary(root, DAY1)["model_step"] == steps
+
+
 # ----------------------------------------------------------------------------- the nightly job
 
 DAY1, DAY2 = "2026-01-01", "2026-01-02"

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from pipelines import loader
 from pipelines.prepare import PreparedData
 from two_tower import atomic, item_frequency, sharding
+from two_tower import replay as replay_lib
 from two_tower import features as feats
 from two_tower.checkpoint import Checkpointer
 from two_tower.evaluation import Evaluator
@@ -164,15 +165,17 @@ class TrainingSetup:
   num_examples: int
 
 
-def setup_training(config: ml_collections.ConfigDict, workdir: str) -> TrainingSetup:
+def setup_training(config: ml_collections.ConfigDict, workdir: str,
+                   replayed_examples: int = 0) -> TrainingSetup:
+  """`replayed_examples`: examples trained on besides the training split (the nightly replay)."""
   wd = Workdir(workdir)
   wd.bind(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.batch_size, mesh, jax.process_count())
   data = wd.prepare_data(config)
   num_steps, num_examples = loader.train_length(
-      data.schema.split_sizes["train"], config.train.batch_size, config.train.num_epochs,
-      config.train.num_steps)
+      data.schema.split_sizes["train"] + replayed_examples, config.train.batch_size,
+      config.train.num_epochs, config.train.num_steps)
   tx = make_optimizer(config.optimizer, num_steps)
   graphdef, state, state_sh = create_train_state(data.schema, config, tx, mesh)
   catalog = jax.device_put(
@@ -195,11 +198,13 @@ class WarmStart:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       hooks: Sequence[Hook] = (), warm_start: WarmStart | None = None
-                       ) -> dict[str, Any]:
+                       hooks: Sequence[Hook] = (), warm_start: WarmStart | None = None,
+                       replayed: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint in `workdir`, else from `warm_start` when given)
-  and writes train_summary.json."""
-  s = setup_training(config, workdir)
+  and writes train_summary.json. `replayed`: examples (loader.BATCH_KEYS columns, in this data's
+  indexing) trained on together with the training split (two_tower/replay.py)."""
+  num_replayed = 0 if replayed is None else len(replayed["user_index"])
+  s = setup_training(config, workdir, num_replayed)
   first_step = warm_start.step if warm_start is not None else 0
   last_step = first_step + s.num_steps
   cfg = config.train
@@ -207,6 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   best = s.workdir.best_checkpointer() if cfg.select_by else None
   split = loader.open_split(s.data.record_source("train"), s.data.schema.history_length,
                             config.data.cache)
+  if num_replayed:
+    split = replay_lib.ReplaySplit(split, replayed)
   dataset = loader.train_dataset(
       split, batch_size=cfg.batch_size, num_examples=s.num_examples, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -297,6 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last = checkpointer.latest_step()
   summary = {
       "steps": int(state.step),
+      "replayed_examples": num_replayed,
       "examples_per_s": stopwatch.examples_per_s(sync=state.step),
       "final_loss": final_loss,
       "checkpoint": checkpointer.path(last) if last is not None else None,
