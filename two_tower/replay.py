@@ -31,7 +31,8 @@ def _positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 def history_row_map(before: Registry, today: Registry, vocab: str = "item_id") -> np.ndarray:
   """[before's capacity] today's row of each of `before`'s rows: padding and hashed buckets stay,
-  an ID's row becomes the ID's row today (its bucket if it no longer owns one), a free row padding."""
+  an ID's row becomes the ID's row today (its bucket if it no longer owns one), a free row
+  padding."""
   old, new = before.vocab(vocab), today.vocab(vocab)
   mapping = np.full(old.capacity, PAD, np.int64)
   mapping[:old.num_oov + 1] = np.arange(old.num_oov + 1)
@@ -50,7 +51,8 @@ def sample_day(earlier: PreparedData, earlier_registry: Registry, today: Prepare
                                datetime.date.fromisoformat(earlier_date).toordinal()))
   picked = np.flatnonzero(rng.random(n) < rate)
   columns = split.gather(picked) if len(picked) else {
-      k: np.zeros((0, history_length) if k == "history" else 0, np.int32) for k in loader.BATCH_KEYS}
+      k: np.zeros((0, history_length) if k == "history" else 0, np.int32)
+      for k in loader.BATCH_KEYS}
   user = _positions(np.asarray(today.table("user", "raw_id")),
                     np.asarray(earlier.table("user", "raw_id"))[columns["user_index"]])
   item = _positions(np.asarray(today.table("item", "raw_id")),

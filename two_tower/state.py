@@ -57,8 +57,9 @@ def create_train_state(schema: Schema, config: ml_collections.ConfigDict,
 
   def init() -> TrainState:
     params = nnx.state(_model(schema, config, config.seed), nnx.Param)
+    counts = item_frequency.initial(item_id_rows(params)) if streaming else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      item_counts=item_frequency.initial(item_id_rows(params)) if streaming else None)
+                      item_counts=counts)
 
   graphdef, abstract, param_sh = abstract_params(schema, config, mesh)
   opt_sh = sharding.opt_state_shardings(tx, abstract, param_sh, mesh)
