@@ -30,6 +30,9 @@ def get_base_config() -> ml_collections.ConfigDict:
           daily_active_users=0.3,  # share of the earlier users active on a day (new ones always are)
           item_lifetime_days=60.0,  # median; popularity fades as exp(-age / lifetime), gone at 2x
           popularity_drift=0.5,  # amplitude (log scale) of each item's periodic popularity drift
+          # The interactions of this many days up to the date (users and items of any of them, no
+          # oracle): a full retrain's data (benchmarks/nightly.py). 1: the day alone.
+          window_days=1,
       )),
   ))
   d.logs = ml_collections.ConfigDict(dict(
@@ -88,10 +91,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   # log-sum-exp, evaluation and index embeddings are float32 either way. It changes the trained
   # model (slightly), so it is not a runtime key: a work directory keeps the one it started with.
   m.compute_dtype = "float32"
+  # ID dropout (training only): each step, with this probability an example's user ID and each
+  # candidate item's ID are replaced by a hashed-bucket row, the row a new ID without interactions
+  # is looked up to, so the other features alone learn to carry signal (cold start: tonight's new
+  # items are embedded from a bucket row plus their features). Needs data.num_oov_buckets >= 1.
+  # Deterministic given seed and step. 0: off.
+  m.id_dropout = 0.0
 
   c.loss = l = ml_collections.ConfigDict()
   l.remove_accidental_hits = True
   l.logq_correction = False
+  # Q of the logQ correction: static (each item's share of the prepared training split) | streaming
+  # (decayed counts of the positives trained on so far, per item-ID row, with this half-life in
+  # steps; carried in checkpoints and, in the nightly lifecycle, across days; needs "item_id" in
+  # model.item_features). See two_tower/item_frequency.py.
+  l.logq_estimator = "static"
+  l.logq_half_life_steps = 500.0
   l.num_uniform_negatives = 0  # extra negatives sampled uniformly from the catalog (mixed negatives)
   l.global_negatives = True  # in-batch negatives from the whole global batch, not the local shard
   l.reduction = "mean"  # mean | sum (sum is what TFRS's Retrieval task uses)
@@ -168,12 +183,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The nightly lifecycle (python -m launch.nightly): one work directory trained day after day.
   # There train.num_steps / train.num_epochs are each day's budget, and each day runs the
   # optimizer.schedule over its own steps. Keys of this block and of `gate`, train.*,
-  # optimizer.learning_rate / embedding_learning_rate / schedule / warmup_steps and the runtime keys
-  # may change between days; any other change (the model's shape, the features) is refused.
+  # optimizer.learning_rate / embedding_learning_rate / schedule / warmup_steps, model.id_dropout
+  # and the runtime keys may change between days; any other change (the model's shape, the
+  # features) is refused.
   c.nightly = n = ml_collections.ConfigDict()
   n.min_count = 1  # occurrences (over days) before an ID gets its own row; until then a hashed bucket
   n.expire_after_days = 0  # an ID unseen for this many days is evicted and its row reused; 0: never
   n.row_chunk = 256  # tables grow by whole chunks of rows (rounded to a multiple of mesh.table_row_multiple)
+  # Replay: each day also trains on a seeded sample (this share) of the training examples of the
+  # finished days among the `replay_days` before it, read from their prepared data (examples whose
+  # user or item is not in today's catalog are dropped). train.num_epochs counts them. 0: none.
+  n.replay_days = 0
+  n.replay_rate = 0.1
 
   # Before publishing a nightly model: it must score gate.metric on the day's holdout at most
   # max_regression (relative) below the live model scored on the same holdout.

@@ -3,6 +3,7 @@
   python -m launch.nightly --workdir=DIR --date=2026-01-01       # the first day: from scratch
   python -m launch.nightly --workdir=DIR --date=2026-01-02       # warm-started from the live day
   python -m launch.nightly --workdir=DIR --date=D --force        # publish even if the gate fails
+  python -m launch.nightly --workdir=DIR --date=yesterday        # from a scheduler (UTC)
 
 It prepares the day's data (the synthetic world's day by default), grows the ID registry, trains
 from the live model (parameters and optimizer state) for the day's budget, evaluates the new and
@@ -13,6 +14,7 @@ nothing. Without --config, the config the work directory started with (or, on it
 configs/nightly.py).
 """
 
+import datetime
 import os
 
 from absl import app, flags
@@ -24,12 +26,21 @@ _CONFIG = common.define_config(default=None,
                                help_text="ml_collections config file (default: the work directory's "
                                "recorded config, or configs/nightly.py on its first day).")
 _WORKDIR = common.define_workdir()
-_DATE = flags.DEFINE_string("date", None, "The day to run, YYYY-MM-DD.", required=True)
+_DATE = flags.DEFINE_string("date", None, "The day to run, YYYY-MM-DD, or today / yesterday "
+                            "(UTC; what a scheduler passes).", required=True)
 _FORCE = flags.DEFINE_bool("force", False, "Publish the day even if the new model fails the gate "
                            "(recorded in its summary).")
 
 
+def resolve_date(date: str, today: datetime.date | None = None) -> str:
+  """YYYY-MM-DD for `date`, which may also be "today" or "yesterday" (UTC)."""
+  today = today or datetime.datetime.now(datetime.timezone.utc).date()
+  named = {"today": today, "yesterday": today - datetime.timedelta(days=1)}
+  return named[date].isoformat() if date in named else date
+
+
 def run(config, workdir: str, date: str, force: bool) -> None:
+  date = resolve_date(date)
   if config is None:
     life = nightly_jobs.Lifecycle(workdir)
     config = (life.config() if os.path.exists(life.path("config.json"))

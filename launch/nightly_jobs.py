@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from launch import jobs
 from pipelines.prepare import load_raw
 from two_tower import atomic, registry as registry_lib, sharding
+from two_tower import replay as replay_lib
 from two_tower import report as report_lib
 from two_tower import config as config_lib
 from two_tower import warm_start as warm_lib
@@ -53,7 +54,7 @@ STAGES = ("prepare", "train", "evaluate", "gate", "index", "candidates", "publis
 # model or of its optimizer state.
 DAILY_KEYS = RUNTIME_KEYS + ("train.", "optimizer.learning_rate", "optimizer.schedule",
                              "optimizer.warmup_steps", "optimizer.embedding_learning_rate",
-                             "nightly.", "gate.")
+                             "model.id_dropout", "nightly.", "gate.")
 REGISTRY = "registry.npz"
 
 
@@ -249,9 +250,35 @@ class _Day:
             parent_ckpt, self.parent["step"], parent_schema, setup.state, setup.state_sharding,
             setup.config, setup.tx, setup.mesh, carried, tables)
       warm = WarmStart(step=self.parent["step"], initial_state=initial_state)
-    summary = train_and_evaluate(self.config, self.dir, warm_start=warm,
+    replayed, counts = self.replayed()
+    summary = train_and_evaluate(self.config, self.dir, warm_start=warm, replayed=replayed,
                                  hooks=[lambda step, state: self.hook(f"train:{step}")])
-    return {"model_step": summary["steps"], "checkpoint": summary["checkpoint"]}
+    return {"model_step": summary["steps"], "checkpoint": summary["checkpoint"],
+            "replayed": counts}
+
+  def replayed(self) -> tuple[dict[str, np.ndarray] | None, dict[str, int]]:
+    """The replay sample (nightly.replay_days, replay_rate) in today's indexing, and its size per
+    earlier day."""
+    cfg = self.config.nightly
+    if cfg.replay_days <= 0 or cfg.replay_rate <= 0:
+      return None, {}
+    first = (datetime.date.fromisoformat(self.date)
+             - datetime.timedelta(days=cfg.replay_days)).isoformat()
+    today = self.workdir.prepare_data(self.config)
+    today_registry = registry_lib.Registry.load(os.path.join(self.dir, REGISTRY))
+    parts, counts = [], {}
+    for date in self.life.finished():
+      if not first <= date < self.date:
+        continue
+      day_dir = self.life.day_dir(date)
+      earlier = Workdir(day_dir)
+      part = replay_lib.sample_day(
+          earlier.prepare_data(earlier.config()),
+          registry_lib.Registry.load(os.path.join(day_dir, REGISTRY)), today, today_registry,
+          cfg.replay_rate, self.config.seed, date, self.date)
+      parts.append(part)
+      counts[date] = int(len(part["user_index"]))
+    return (replay_lib.concat(parts) if parts else None), counts
 
   def evaluate(self) -> dict:
     metrics = jobs.evaluate(self.dir, config=self.config)
@@ -320,6 +347,7 @@ class _Day:
         "num_items": p.get("num_items"), "new_users": p.get("new_users"),
         "new_items": p.get("new_items"), "cold_items": p.get("cold_items"),
         "evicted": p.get("evicted"), "registry": p.get("registry"),
+        "replayed": p.get("replayed"),
         "metrics": p.get("metrics"), "live_metrics": p.get("live_metrics"),
         "oracle_metrics": p.get("oracle_metrics"), "gate": p.get("gate"),
         "index_version": p.get("index_version") if published else None,

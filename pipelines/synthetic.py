@@ -244,12 +244,45 @@ def _concat(parts: list[_Births]) -> _Births:
                     for f in dataclasses.fields(_Births)})
 
 
-def generate_day(cfg, date: str) -> tuple[RawData, Planted]:
+def generate_day(cfg, date: str) -> tuple[RawData, Planted | None]:
   """Day `date` of the world of `cfg` (config.data.synthetic): the day's interactions, the users
   active that day and the whole live catalog (new items included, with or without interactions),
-  and the planted parameters over exactly those users and items (the day's oracle)."""
+  and the planted parameters over exactly those users and items (the day's oracle).
+
+  With world.window_days = n > 1: the interactions of the n days up to `date` (from the world's
+  first day at the earliest), the users and items of any of them (features as of their latest
+  day), and no oracle (the days' oracles differ). What a full retrain on everything so far reads."""
+  day = day_number(date, cfg.world.start_date)
+  window = int(cfg.world.get("window_days", 1))
+  if window <= 1 or day == 0:
+    return _one_day(cfg, day)
+  days = [_one_day(cfg, d)[0] for d in range(max(0, day - window + 1), day + 1)]
+  return RawData(
+      interactions={k: np.concatenate([r.interactions[k] for r in days]) for k in days[-1].interactions},
+      users=_latest_rows([r.users for r in days], "user_id"),
+      items=_latest_rows([r.items for r in days], "item_id"),
+      features=_FEATURES), None
+
+
+def _latest_rows(tables: list[dict], key: str) -> dict:
+  """The union of the tables' rows by `key` (sorted), each row from the last table holding it."""
+  ids = np.concatenate([t[key] for t in tables])
+  # np.unique keeps the first occurrence: look from the newest table backwards.
+  order = np.arange(len(ids))[::-1]
+  _, first = np.unique(ids[order], return_index=True)
+  pick = order[first]
+
+  def column(name):
+    values = [t[name] for t in tables]
+    if isinstance(values[0], list):
+      flat = sum(values, [])
+      return [flat[i] for i in pick.tolist()]
+    return np.concatenate(values)[pick]
+  return {name: column(name) for name in tables[-1]}
+
+
+def _one_day(cfg, day: int) -> tuple[RawData, Planted]:
   world = cfg.world
-  day = day_number(date, world.start_date)
   births = [_births(cfg, d) for d in range(day + 1)]
   everyone = _concat(births)
   user_birth = np.concatenate([np.full(len(b.user_activity), d) for d, b in enumerate(births)])

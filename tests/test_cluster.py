@@ -154,6 +154,42 @@ def test_k8s_jobset_for_tpu_slices():
   assert env["JAX_COORDINATOR_ADDRESS"] == f"tt-{rjob['name']}-0-0.tt:8476"
   assert pod["containers"][0]["resources"]["limits"] == {"google.com/tpu": 4}
 
+
+def test_k8s_cronjob_runs_the_nightly_job_one_at_a_time():
+  (cron,) = k8s_docs("--kind=cronjob", "--name=tt-nightly", "--pvc=runs", "--schedule=30 2 * * *",
+                     "--env", "XLA_FLAGS=--xla_cpu_multi_thread_eigen=true")
+  assert (cron["apiVersion"], cron["kind"]) == ("batch/v1", "CronJob")
+  spec = cron["spec"]
+  assert spec["schedule"] == "30 2 * * *" and spec["timeZone"] == "Etc/UTC"
+  assert spec["concurrencyPolicy"] == "Forbid"  # never two days at once
+  job = spec["jobTemplate"]["spec"]
+  # A crash is retried (a rerun finishes the day); bad input or a failed gate (exit 2) is final.
+  assert job["backoffLimit"] == 2
+  (rule,) = job["podFailurePolicy"]["rules"]
+  assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2]
+  pod = job["template"]["spec"]
+  assert pod["restartPolicy"] == "Never"  # podFailurePolicy needs it
+  (container,) = pod["containers"]
+  assert container["command"] == ["python", "-m", "launch.nightly", "--workdir=/mnt/shared/w",
+                                  "--config=configs/nightly.py", "--date=yesterday"]
+  assert _env(container) == {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true"}  # one process
+  assert {"name": "shared", "persistentVolumeClaim": {"claimName": "runs"}} in pod["volumes"]
+  assert {"name": "shared", "mountPath": k8s.SHARED_MOUNT} in container["volumeMounts"]
+  with pytest.raises(SystemExit, match="one process"):
+    k8s.main(["--dry-run", "--kind=cronjob", "--image=i", "--workdir=/w", "--num_processes=2"])
+  with pytest.raises(SystemExit, match="needs --num_processes"):
+    k8s.main(["--dry-run", "--image=i", "--workdir=/w"])
+
+
+def test_nightly_date_names_resolve_in_utc():
+  import datetime
+  from launch.nightly import resolve_date
+  day = datetime.date(2026, 3, 1)
+  assert resolve_date("yesterday", day) == "2026-02-28"
+  assert resolve_date("today", day) == "2026-03-01"
+  assert resolve_date("2026-01-05", day) == "2026-01-05"
+
+
 # ----------------------------------------------------------------------------- local processes
 
 

@@ -111,3 +111,26 @@ def test_a_perfect_ranking_scores_1(tiny_data):
   for name in ("recall@100", "ndcg@100", "mrr@100", "hit_rate@100"):
     assert metrics[name] == pytest.approx(1.0), name
   assert evaluator.num_target_users < len(evaluator.users)  # some users have no target
+
+
+def test_target_items_restrict_the_targets_not_the_ranking(tiny_data):
+  users, items = tiny_data.pairs("test")
+  chosen = np.unique(items)[::3]
+  evaluator = Evaluator(tiny_data, None, "test", (10, 100), target_items=chosen)
+  everything = Evaluator(tiny_data, None, "test", (100,))
+  kept = np.isin(items, chosen)
+  assert evaluator.users.tolist() == sorted(set(users[kept].tolist()))
+  full_targets = dict(zip(everything.users.tolist(), _rows_as_sets(everything.targets)))
+  for u, targets in zip(evaluator.users.tolist(), _rows_as_sets(evaluator.targets)):
+    assert targets == full_targets[u] & set(chosen.tolist())
+  assert evaluator.num_interactions == kept.sum()
+  # Masked items are the user's training items whether or not they are target items.
+  exclude = dict(zip(everything.users.tolist(), _rows_as_sets(everything.exclude)))
+  assert all(got == exclude[u] for u, got in zip(evaluator.users.tolist(),
+                                                  _rows_as_sets(evaluator.exclude)))
+  # Ranked last, the chosen items are never retrieved; ranked first, always.
+  last = np.zeros(tiny_data.schema.num_items, np.float32)
+  last[chosen] = -1.0
+  assert evaluator.evaluate_scores(lambda rows: np.tile(last, (len(rows), 1)))["recall@10"] == 0.0
+  metrics = evaluator.evaluate_scores(lambda rows: np.tile(-last, (len(rows), 1)))
+  assert metrics["recall@100"] == 1.0 and metrics["recall@10"] > 0.0

@@ -65,6 +65,33 @@ def test_world_is_deterministic_and_changes_by_day():
   assert observed.mean() > scores.mean() + 1.0
 
 
+def test_world_window_holds_the_days_up_to_the_date():
+  cfg = tiny_nightly_config().data.synthetic
+  day2, _ = synthetic.generate_day(cfg, "2026-01-02")
+  day3, _ = synthetic.generate_day(cfg, "2026-01-03")
+  cfg.world.window_days = 2
+  window, planted = synthetic.generate_day(cfg, "2026-01-03")
+  assert planted is None
+  for key in day3.interactions:
+    np.testing.assert_array_equal(
+        window.interactions[key], np.concatenate([day2.interactions[key], day3.interactions[key]]))
+  np.testing.assert_array_equal(window.users["user_id"],
+                                np.union1d(day2.users["user_id"], day3.users["user_id"]))
+  np.testing.assert_array_equal(window.items["item_id"],
+                                np.union1d(day2.items["item_id"], day3.items["item_id"]))
+  # A user of both days has day 3's features (its account is a day older), one of day 2 only, day 2's.
+  both = np.intersect1d(day2.users["user_id"], day3.users["user_id"])[0]
+  only2 = np.setdiff1d(day2.users["user_id"], day3.users["user_id"])[0]
+  age = lambda raw, u: raw.users["account_age"][np.searchsorted(raw.users["user_id"], u)]  # noqa: E731
+  assert age(window, both) == age(day3, both) != age(day2, both)
+  assert age(window, only2) == age(day2, only2)
+  tags = dict(zip(window.items["item_id"].tolist(), window.items["tags"]))
+  assert all(tags[i] == t for i, t in zip(day3.items["item_id"].tolist(), day3.items["tags"]))
+  # The first day has no earlier days.
+  first, _ = synthetic.generate_day(cfg, "2026-01-01")
+  assert len(first.interactions["item_id"]) == len(day2.interactions["item_id"])
+
+
 def test_static_synthetic_data_is_unchanged():
   # The default job's build (and so its name) does not see the world's keys.
   settings = prepare.build_settings(synthetic_config.get_config().data)
@@ -77,10 +104,15 @@ def test_world_config_is_validated():
   c.data.synthetic.date = "2026-13-01"
   c.data.synthetic.world.new_items_per_day = -0.1
   c.gate.metric = "recall@7"
+  c.model.id_dropout = 1.5
   with pytest.raises(ConfigError) as e:
     config_lib.validate(c)
-  for key in ("data.synthetic.date", "new_items_per_day", "gate.metric"):
+  for key in ("data.synthetic.date", "new_items_per_day", "gate.metric", "model.id_dropout"):
     assert key in str(e.value)
+  c = tiny_nightly_config()
+  c.model.id_dropout, c.data.num_oov_buckets = 0.2, 0
+  with pytest.raises(ConfigError, match="model.id_dropout .* data.num_oov_buckets >= 1"):
+    config_lib.validate(c)
   with pytest.raises(ConfigError, match="before the synthetic world"):
     synthetic.generate_day(tiny_nightly_config().data.synthetic, "2025-12-31")
 
@@ -195,13 +227,10 @@ def _numpy(tree):
   return {k: np.asarray(v) for k, v in named_leaves(jax.device_get(tree)).items()}
 
 
-@pytest.fixture(scope="module")
-def two_days(tmp_path_factory):
+def _two_days(root, config):
   """Day 1 trained for 4 steps (checkpointed) and day 2 prepared, in a nightly layout."""
   from two_tower.checkpoint import Checkpointer
   from two_tower.train import setup_training
-  root = str(tmp_path_factory.mktemp("warm"))
-  config = tiny_nightly_config()
   config.nightly.row_chunk = 8  # small chunks: day 2's new IDs grow the tables
   day1, cfg1, reg1 = _prepare_day(root, "2026-01-01", config, registry_lib.Registry.empty())
   setup1 = setup_training(cfg1, day1)
@@ -213,6 +242,18 @@ def two_days(tmp_path_factory):
   day2, cfg2, reg2 = _prepare_day(root, "2026-01-02", config, reg1)
   return dict(setup1=setup1, trainer1=trainer1, state=state, checkpointer=checkpointer,
               reg1=reg1, reg2=reg2, setup2=setup_training(cfg2, day2))
+
+
+@pytest.fixture(scope="module")
+def two_days(tmp_path_factory):
+  return _two_days(str(tmp_path_factory.mktemp("warm")), tiny_nightly_config())
+
+
+@pytest.fixture(scope="module")
+def two_days_streaming(tmp_path_factory):
+  config = tiny_nightly_config()
+  config.loss.update(logq_estimator="streaming", logq_half_life_steps=3.0)
+  return _two_days(str(tmp_path_factory.mktemp("warm_streaming")), config)
 
 
 def test_warm_start_without_new_ids_continues_exactly(two_days):
@@ -277,6 +318,193 @@ def test_warm_start_growth_keeps_old_rows_and_slots_bit_identical(two_days):
   np.testing.assert_array_equal(old_item.lookup(kept), new_item.lookup(kept))
   name = "params/item_tower/embedding/tables/item_id/embedding"
   assert not np.array_equal(new[name][old_item.lookup(kept)], fresh[name][old_item.lookup(kept)])
+
+
+# ----------------------------------------------------------------------------- ID dropout
+
+
+def test_drop_ids_replaces_own_rows_by_buckets_at_the_rate():
+  import jax
+  import jax.numpy as jnp
+  from two_tower import features as feats
+  rows = jnp.asarray(np.r_[0, 1, 2, np.arange(3, 4003)], jnp.int32)  # padding, 2 buckets, IDs
+  features = {"user_id": rows, "segment": rows}
+  key = jax.random.key(0)
+  out = feats.drop_ids(features, key, 0.3, num_oov=2)
+  dropped = np.asarray(out["user_id"]) != np.asarray(rows)
+  assert 0.27 < dropped[3:].mean() < 0.33  # own rows, at the rate
+  assert not dropped[:3].any()  # padding and bucket rows stay
+  np.testing.assert_array_equal(np.asarray(out["user_id"])[dropped], 1 + np.asarray(rows)[dropped] % 2)
+  np.testing.assert_array_equal(out["segment"], rows)  # other features untouched
+  np.testing.assert_array_equal(feats.drop_ids(features, key, 0.3, 2)["user_id"], out["user_id"])
+  assert not np.array_equal(feats.drop_ids(features, jax.random.key(1), 0.3, 2)["user_id"],
+                            out["user_id"])
+
+
+def test_id_dropout_trains_the_bucket_row_instead_of_the_ids(two_days):
+  import dataclasses
+  s = two_days["setup1"]
+  name = {"user": "query_tower/embedding/tables/user_id/embedding",
+          "item": "item_tower/embedding/tables/item_id/embedding"}
+  before = _numpy(s.state.params)
+  moved = {}
+  for rate in (0.0, 0.5, 1.0):
+    config = s.config.copy_and_resolve_references()
+    config.model.id_dropout = rate
+    trainer = _Trainer(dataclasses.replace(s, config=config))
+    after = _numpy(trainer.run(s.state, range(2)).params)
+    moved[rate] = {side: np.abs(after[n] - before[n]).sum(1) > 0 for side, n in name.items()}
+    if rate == 0.5:  # deterministic given the seed and the step
+      again = _numpy(trainer.run(s.state, range(2)).params)
+      for n in name.values():
+        np.testing.assert_array_equal(after[n], again[n])
+  assert not moved[0.0]["user"][1]  # every user has a row of its own: no dropout, no bucket
+  for side in name:
+    own = slice(2, None)  # rows past padding and the bucket (data.num_oov_buckets=1)
+    assert moved[0.0][side][own].sum() > 50
+    assert moved[1.0][side][1] and not moved[1.0][side][own].any()  # only the bucket learns
+    assert moved[0.5][side][1] and 0 < moved[0.5][side][own].sum() <= moved[0.0][side][own].sum()
+
+
+# ----------------------------------------------------------------------------- streaming logQ
+
+
+def test_streaming_frequency_follows_a_changing_stream():
+  import jax
+  import jax.numpy as jnp
+  from two_tower import item_frequency
+  num_rows, batch, half_life = 50, 256, 20.0
+  first = np.random.default_rng(0).dirichlet(np.ones(num_rows))
+  second = np.roll(first, 17)  # the same popularity levels on other items
+  rng = np.random.default_rng(1)
+  stream = np.concatenate([rng.choice(num_rows, (200, batch), p=first),
+                           rng.choice(num_rows, (200, batch), p=second)])
+  valid = np.ones(batch, bool)
+  valid[-6:] = False  # padding rows do not count
+
+  @jax.jit
+  def run(rows):
+    def step(counts, r):
+      counts = item_frequency.update(counts, r, jnp.asarray(valid), half_life_steps=half_life)
+      return counts, counts
+    return jax.lax.scan(step, item_frequency.initial(num_rows), rows)[1]
+
+  history = run(jnp.asarray(stream))
+  at = lambda t: np.asarray(item_frequency.probability(  # noqa: E731
+      history[t - 1], jnp.asarray(t), half_life_steps=half_life, batch_size=batch))
+  scale = valid.mean()  # the estimate is per row of the batch, padding rows included
+  # Early (bias-corrected) and at the end of each phase, the estimate is that phase's frequency.
+  for t, truth, tolerance in ((5, first, 0.3), (200, first, 0.1), (400, second, 0.1)):
+    assert np.abs(at(t) / scale - truth).sum() < tolerance, t
+  assert np.abs(at(400) / scale - first).sum() > 1.0  # and not the first phase's any more
+
+
+def test_streaming_counts_resume_bit_exactly(two_days_streaming, tmp_path):
+  from two_tower.checkpoint import Checkpointer
+  s = two_days_streaming["setup1"]
+  trainer = two_days_streaming["trainer1"]
+  state = two_days_streaming["state"]
+  counts = np.asarray(state.item_counts)
+  item_rows = np.asarray(s.catalog["item"]["item_id"])
+  trained = np.unique(item_rows[np.concatenate([b["item_index"] for b in trainer.batches[:4]])])
+  assert (counts[trained] > 0).all() and (np.delete(counts, trained) == 0).all()
+  checkpointer = Checkpointer(str(tmp_path / "ckpt"))
+  checkpointer.save(4, state, force=True)
+  checkpointer.wait()
+  restored = checkpointer.restore_train_state(4, s.state)
+  np.testing.assert_array_equal(restored.item_counts, counts)
+  a, b = trainer.run(state, range(4, 7)), trainer.run(restored, range(4, 7))
+  np.testing.assert_array_equal(a.item_counts, b.item_counts)
+  pa, pb = _numpy(a.params), _numpy(b.params)
+  for name in pa:
+    np.testing.assert_array_equal(pa[name], pb[name], err_msg=name)
+  assert not np.array_equal(np.asarray(a.item_counts), counts)
+
+
+def test_streaming_counts_change_the_loss_and_follow_the_registry(two_days_streaming, two_days):
+  from two_tower import warm_start
+  s1, s2 = two_days_streaming["setup1"], two_days_streaming["setup2"]
+  reg1, reg2 = two_days_streaming["reg1"], two_days_streaming["reg2"]
+  # Streaming Q trains another model than the static one from the same start.
+  static = _numpy(two_days["state"].params)
+  streaming = _numpy(two_days_streaming["state"].params)
+  assert any(not np.array_equal(static[n], streaming[n]) for n in static)
+  tables = warm_start.table_vocabularies(s2.data.schema)
+  carried = {v: registry_lib.carried_rows(reg1.vocab(v), reg2.vocab(v)) for v in set(tables.values())}
+  grown = warm_start.warm_start_state(two_days_streaming["checkpointer"], 4, s1.data.schema,
+                                      s2.state, s2.state_sharding, s2.config, s2.tx, s2.mesh,
+                                      carried, tables)
+  old, new = np.asarray(two_days_streaming["state"].item_counts), np.asarray(grown.item_counts)
+  rows = carried["item_id"]
+  assert len(new) == len(rows) > len(old)
+  np.testing.assert_array_equal(new[rows], old[np.flatnonzero(rows)])
+  assert not new[~rows].any()  # new rows (and grown capacity) start uncounted
+  kept = np.intersect1d(reg1.vocab("item_id").ids, reg2.vocab("item_id").ids)
+  np.testing.assert_array_equal(new[reg2.vocab("item_id").lookup(kept)],
+                                old[reg1.vocab("item_id").lookup(kept)])
+  assert old[reg1.vocab("item_id").lookup(kept)].any()
+
+
+# ----------------------------------------------------------------------------- replay
+
+
+def test_replay_sample_moves_earlier_examples_into_todays_indexing(two_days):
+  from pipelines import loader
+  from two_tower import replay
+  d1, d2 = two_days["setup1"].data, two_days["setup2"].data
+  reg1, reg2 = two_days["reg1"], two_days["reg2"]
+  sample = replay.sample_day(d1, reg1, d2, reg2, 0.5, 0, "2026-01-01", "2026-01-02")
+  again = replay.sample_day(d1, reg1, d2, reg2, 0.5, 0, "2026-01-01", "2026-01-02")
+  other = replay.sample_day(d1, reg1, d2, reg2, 0.5, 0, "2026-01-01", "2026-01-03")
+  for k in loader.BATCH_KEYS:
+    np.testing.assert_array_equal(sample[k], again[k])  # a rerun replays the same examples
+  assert not np.array_equal(sample["item_index"], other["item_index"])
+  earlier = loader.open_split(d1.record_source("train"), d1.schema.history_length, "always")
+  n = len(sample["user_index"])
+  # Each replayed example is an earlier example: the same user, item and history, by raw ID.
+  raw = lambda data, side, rows: np.asarray(data.table(side, "raw_id"))[rows]  # noqa: E731
+  all_earlier = earlier.gather(np.arange(len(earlier)))
+  # Half of the earlier examples whose user and item are in today's catalog (the world's users
+  # are not all active every day: the others' examples cannot be replayed).
+  replayable = (np.isin(raw(d1, "user", all_earlier["user_index"]), d2.table("user", "raw_id"))
+                & np.isin(raw(d1, "item", all_earlier["item_index"]), d2.table("item", "raw_id")))
+  assert 0.4 * replayable.sum() < n < 0.6 * replayable.sum()
+  earlier_keys = set(zip(raw(d1, "user", all_earlier["user_index"]).tolist(),
+                         raw(d1, "item", all_earlier["item_index"]).tolist()))
+  replayed_keys = set(zip(raw(d2, "user", sample["user_index"]).tolist(),
+                          raw(d2, "item", sample["item_index"]).tolist()))
+  assert replayed_keys <= earlier_keys
+  item_id_of = {int(r): i for i, r in zip(reg2.vocab("item_id").ids.tolist(), reg2.vocab("item_id").rows)}
+  tokens = sample["history"][sample["history"] > 1]
+  assert len(tokens) and all(item_id_of[int(t)] in set(reg1.vocab("item_id").ids.tolist())
+                             for t in tokens[:200])
+  # The loader's view: today's split, then the replayed examples.
+  today = loader.open_split(d2.record_source("train"), d2.schema.history_length, "always")
+  both = replay.ReplaySplit(today, sample)
+  assert len(both) == len(today) + n
+  picked = both.gather(np.array([len(today) + 1, 0, len(today)]))
+  np.testing.assert_array_equal(picked["item_index"],
+                                [sample["item_index"][1], today.gather(np.array([0]))["item_index"][0],
+                                 sample["item_index"][0]])
+
+
+def test_nightly_replay_trains_on_the_day_and_the_sample(after_day1, tmp_path):
+  import math
+  from launch import nightly_jobs
+  root = _copy(after_day1, tmp_path / "w")
+  config = tiny_nightly_config()
+  config.nightly.update(replay_days=3, replay_rate=0.5)
+  summary = nightly_jobs.run_day(root, DAY2, config, log=lambda m: None)
+  (replayed,) = summary["replayed"].values()
+  assert list(summary["replayed"]) == [DAY1] and replayed > 0
+  day_dir = os.path.join(root, "days", DAY2)
+  with open(os.path.join(day_dir, "train_summary.json")) as f:
+    assert json.load(f)["replayed_examples"] == replayed
+  from two_tower.workdir import Workdir
+  day = Workdir(day_dir)
+  train_size = day.prepare_data(day.config()).schema.split_sizes["train"]
+  steps = math.ceil(round((train_size + replayed) * config.train.num_epochs) / config.train.batch_size)
+  assert summary["model_step"] - _summary(root, DAY1)["model_step"] == steps
 
 
 # ----------------------------------------------------------------------------- the nightly job

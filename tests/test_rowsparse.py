@@ -80,7 +80,7 @@ def accumulators_of(opt_state) -> dict[str, np.ndarray]:
 
 def dense_loss_and_grads(c, mesh, graphdef, state, batch, catalog):
   """The loss's value and its gradient with respect to every parameter, tables whole."""
-  loss_fn, inputs = batch_loss(state.step, batch, catalog, graphdef=graphdef, config=c, mesh=mesh)
+  loss_fn, inputs, _ = batch_loss(state, batch, catalog, graphdef=graphdef, config=c, mesh=mesh)
   (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, inputs)
   return float(loss), grads, inputs
 
@@ -128,7 +128,7 @@ def test_one_step_is_rowwise_adagrad_on_the_touched_rows_only():
 def test_duplicate_ids_are_summed_like_the_dense_gradient():
   c, mesh, graphdef, state, _, batch, catalog = small_model()
   loss, grads, inputs = dense_loss_and_grads(c, mesh, graphdef, state, batch, catalog)
-  loss_fn, _ = batch_loss(state.step, batch, catalog, graphdef=graphdef, config=c, mesh=mesh)
+  loss_fn, _, _ = batch_loss(state, batch, catalog, graphdef=graphdef, config=c, mesh=mesh)
   where = rowsparse.table_of_feature(nnx.merge(graphdef, state.params))
   assert where[("query_tower", "history")] == where[("item_tower", "item_id")] == ITEM_TABLE
   lookups = rowsparse.gather_rows(state.params, inputs, where)

@@ -77,9 +77,12 @@ class Crash(Exception):
   pass
 
 
-def test_resumed_run_ends_with_the_same_parameters(tmp_path):
+@pytest.mark.parametrize("logq_estimator", ["static", "streaming"])
+def test_resumed_run_ends_with_the_same_parameters(tmp_path, logq_estimator):
   config = tiny_config()
   config.train.num_epochs = 1.0  # 29 steps; checkpoints every 10
+  if logq_estimator == "streaming":  # the item counts are resumed from the checkpoint too
+    config.loss.update(logq_correction=True, logq_estimator="streaming", logq_half_life_steps=5.0)
   straight = str(tmp_path / "straight")
   train_and_evaluate(config, straight)
 

@@ -33,6 +33,14 @@ class CheckpointMismatchError(UserError):
   """A checkpoint that does not fit the model being restored."""
 
 
+def _train_item(state: TrainState) -> dict[str, Any]:
+  """The `train` item: what resuming needs besides the parameters."""
+  item = {"step": state.step, "opt_state": state.opt_state}
+  if state.item_counts is not None:
+    item["item_counts"] = state.item_counts
+  return item
+
+
 def _abstract(tree: Any) -> Any:
   """Shape, dtype and sharding of each array of `tree`: where orbax restores to (any mesh)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
@@ -70,7 +78,7 @@ class Checkpointer:
     checkpoint, so they are never out of step with it."""
     items = {PARAMS: ocp.args.StandardSave(state.params)}
     if not params_only:
-      items[TRAIN] = ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state})
+      items[TRAIN] = ocp.args.StandardSave(_train_item(state))
     if data_iter is not None:
       items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
     if metrics is not None:
@@ -114,12 +122,12 @@ class Checkpointer:
           "training resumes from the checkpoints/ directory")
     self.check_compatible(step, state.params)
     items = {PARAMS: ocp.args.StandardRestore(_abstract(state.params)),
-             TRAIN: ocp.args.StandardRestore(_abstract({"step": state.step,
-                                                        "opt_state": state.opt_state}))}
+             TRAIN: ocp.args.StandardRestore(_abstract(_train_item(state)))}
     if data_iter is not None:
       items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
     out = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return TrainState(step=out[TRAIN]["step"], params=out[PARAMS], opt_state=out[TRAIN]["opt_state"])
+    return TrainState(step=out[TRAIN]["step"], params=out[PARAMS], opt_state=out[TRAIN]["opt_state"],
+                      item_counts=out[TRAIN].get("item_counts"))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

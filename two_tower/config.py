@@ -27,6 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.combine_features": ("concat", "sum"),
     "loss.reduction": ("mean", "sum"),
+    "loss.logq_estimator": ("static", "streaming"),
     "optimizer.name": ("adam", "adamw", "adagrad", "sgd"),
     "optimizer.schedule": ("constant", "cosine", "warmup_cosine"),
     "optimizer.embeddings": ("dense", "rowwise_adagrad"),
@@ -37,18 +38,21 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Ranges of the nightly keys: (key, low, high), inclusive.
 _RANGES = (("nightly.min_count", 1, None), ("nightly.expire_after_days", 0, None),
            ("nightly.row_chunk", 1, None), ("gate.max_regression", 0.0, 1.0),
+           ("nightly.replay_days", 0, None), ("nightly.replay_rate", 0.0, 1.0),
+           ("model.id_dropout", 0.0, 1.0),
            ("data.synthetic.world.interactions_per_day", 1, None),
            ("data.synthetic.world.new_users_per_day", 0.0, None),
            ("data.synthetic.world.new_items_per_day", 0.0, None),
            ("data.synthetic.world.daily_active_users", 0.0, 1.0),
            ("data.synthetic.world.item_lifetime_days", 1e-3, None),
-           ("data.synthetic.world.popularity_drift", 0.0, None))
+           ("data.synthetic.world.popularity_drift", 0.0, None),
+           ("data.synthetic.world.window_days", 1, None))
 
 _POSITIVE = ("train.batch_size", "model.temperature", "optimizer.learning_rate",
              "optimizer.embedding_learning_rate",
              "data.history_length", "train.log_every_steps", "eval.user_batch_size",
              "score.top_k", "score.batch_size", "score.users_per_shard", "index.embed_batch_size",
-             "loss.row_chunk")
+             "loss.row_chunk", "loss.logq_half_life_steps")
 _NON_NEGATIVE = ("train.eval_every_steps", "train.early_stopping_evals", "loss.num_uniform_negatives",
                  "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
                  "data.num_oov_buckets", "data.worker_count", "index.keep_versions")
@@ -120,6 +124,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if "gate.metric" in values and values["gate.metric"] not in _metric_names(config.eval.ks):
     problems.append(f"gate.metric={values['gate.metric']!r} is not an evaluation metric; choose one "
                     f"of {', '.join(_metric_names(config.eval.ks))}")
+  if values.get("model.id_dropout", 0) > 0 and values.get("data.num_oov_buckets", 1) < 1:
+    problems.append("model.id_dropout replaces IDs by a hashed-bucket row: set "
+                    "data.num_oov_buckets >= 1 (or model.id_dropout=0)")
+  if values.get("loss.logq_estimator") == "streaming":
+    if not values.get("loss.logq_correction"):
+      problems.append("loss.logq_estimator='streaming' estimates the logQ correction's Q: set "
+                      "loss.logq_correction=True (or loss.logq_estimator='static')")
+    if "item_id" not in values.get("model.item_features", ()):
+      problems.append("loss.logq_estimator='streaming' counts items by their item_id rows: add "
+                      "'item_id' to model.item_features (or use loss.logq_estimator='static')")
   split = config.data.split
   if split.kind in ("random", "per_user_ratio"):
     ratios = tuple(split.ratios)

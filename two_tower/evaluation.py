@@ -98,9 +98,12 @@ class Evaluator:
 
   def __init__(self, data: PreparedData, catalog: feats.Catalog | None, split: str,
                ks: Sequence[int], user_batch: int = 512, *, graphdef: Any = None,
-               mesh: Mesh | None = None, item_batch: int = 8192):
+               mesh: Mesh | None = None, item_batch: int = 8192,
+               target_items: np.ndarray | None = None):
     """`catalog`, `graphdef` and `mesh` are the model's, for `__call__`; without them the
-    evaluator scores only what `evaluate_scores` is given."""
+    evaluator scores only what `evaluate_scores` is given. `target_items` (catalog rows): only
+    the split's interactions with these items are targets (e.g. cold-start items); the ranking is
+    still over the whole catalog."""
     schema = data.schema
     if schema.split_sizes.get(split, 0) == 0:
       raise UserError(f"split {split!r} is empty in this dataset: evaluate another split (eval.split)")
@@ -120,6 +123,9 @@ class Evaluator:
         return model.embed_queries(feats.query_features(catalog, users)) @ item_embeddings.T
       self._scores = jax.jit(scores)
     users, items = data.pairs(split)
+    if target_items is not None:
+      keep = np.isin(items, target_items)
+      users, items = users[keep], items[keep]
     self.users = np.unique(users)
     masked = ["train"] + (["validation"] if split == "test" else [])
     owners, values = zip(*(data.pairs(s) for s in masked))

@@ -18,6 +18,8 @@ from pipelines.prepare import PreparedData
 Catalog = Mapping[str, Mapping[str, jax.Array]]  # {"user": {name: [U, ...]}, "item": {name: [I, ...]}}
 
 SAMPLING_PROB = "sampling_prob"
+# The features that are an entity's own ID (pipelines/prepare.py names them "<side>_id").
+ID_FEATURES = ("user_id", "item_id")
 
 
 def load_catalog(data: PreparedData, query_features: Sequence[str], item_features: Sequence[str]
@@ -43,3 +45,18 @@ def query_features(catalog: Catalog, user_index: jax.Array, history: jax.Array |
 def item_features(catalog: Catalog, item_index: jax.Array) -> dict[str, jax.Array]:
   return {name: jnp.take(table, item_index, axis=0) for name, table in catalog["item"].items()
           if name != SAMPLING_PROB}
+
+
+def drop_ids(features: dict[str, jax.Array], key: jax.Array, rate: float, num_oov: int
+             ) -> dict[str, jax.Array]:
+  """ID dropout (config.model.id_dropout): each example's own ID row (user_id, item_id) is
+  replaced with probability `rate` by a hashed-bucket row (1 + row % num_oov), the kind of row a
+  cold ID (one without interactions yet) is looked up to. The bucket rows learn "an ID the model
+  does not know", and the other features must carry the signal for such examples, as they do for
+  tonight's new items. Rows that are already padding or buckets stay."""
+  out = dict(features)
+  for i, name in enumerate(n for n in ID_FEATURES if n in features):
+    rows = features[name]
+    drop = jax.random.bernoulli(jax.random.fold_in(key, i), rate, rows.shape) & (rows > num_oov)
+    out[name] = jnp.where(drop, 1 + rows % num_oov, rows).astype(rows.dtype)
+  return out

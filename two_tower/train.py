@@ -20,7 +20,8 @@ from jax.sharding import Mesh
 
 from pipelines import loader
 from pipelines.prepare import PreparedData
-from two_tower import atomic, rowsparse, sharding
+from two_tower import atomic, item_frequency, rowsparse, sharding
+from two_tower import replay as replay_lib
 from two_tower import features as feats
 from two_tower.checkpoint import Checkpointer
 from two_tower.evaluation import Evaluator
@@ -38,26 +39,36 @@ Hook = Callable[[int, "TrainState"], None]
 Inputs = dict[str, dict[str, jax.Array]]  # {"query_tower": features, "item_tower": features}
 
 
-def batch_loss(step: jax.Array, batch: dict[str, jax.Array], catalog: feats.Catalog, *, graphdef,
+def batch_loss(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Catalog, *, graphdef,
                config: ml_collections.ConfigDict, mesh: Mesh
-               ) -> tuple[Callable[[Any, Inputs], tuple[jax.Array, dict]], Inputs]:
-  """(loss_fn, inputs) of training step `step` on `batch`: `loss_fn(params, inputs)` is the
-  sampled-softmax loss (and metrics) of the towers' features `inputs`, which hold the rows the
-  embedding tables are looked up with (the row-sparse update renumbers them)."""
+               ) -> tuple[Callable[[Any, Inputs], tuple[jax.Array, dict]], Inputs, Any]:
+  """(loss_fn, inputs, item_counts) of training step `state.step` on `batch`:
+  `loss_fn(params, inputs)` is the sampled-softmax loss (and metrics) of the towers' features
+  `inputs`, which hold the rows the embedding tables are looked up with (the row-sparse update
+  renumbers them); `item_counts` are the streaming item counts after this batch (None unless
+  loss.logq_estimator="streaming")."""
   loss_cfg = config.loss
   sampling_prob = catalog["item"][feats.SAMPLING_PROB]
   num_items = sampling_prob.shape[0]
   num_shards = mesh.shape[sharding.DATA]
   num_negatives = loss_cfg.num_uniform_negatives
+  step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   negatives = None
   if num_negatives > 0:
-    key = jax.random.fold_in(jax.random.key(config.seed), step)
-    negatives = jax.random.randint(key, (num_negatives,), 0, num_items)
+    negatives = jax.random.randint(step_key, (num_negatives,), 0, num_items)
   # Rows of weight 0 are the loader's padding of a short last batch: not negatives, not counted.
   valid = batch["weight"] > 0
   unique_items, positive, counts = dedupe_candidates(
       batch["item_index"], negatives, num_items=num_items, num_shards=num_shards,
       global_negatives=loss_cfg.global_negatives, valid=valid)
+  item_counts = state.item_counts
+  if item_counts is not None:  # loss.logq_estimator="streaming": Q from the stream so far
+    item_rows = catalog["item"]["item_id"]
+    item_counts = item_frequency.update(item_counts, item_rows[batch["item_index"]], valid,
+                                        half_life_steps=loss_cfg.logq_half_life_steps)
+    sampling_prob = item_frequency.probability(
+        item_counts, state.step + 1, half_life_steps=loss_cfg.logq_half_life_steps,
+        batch_size=config.train.batch_size)[item_rows]
   log_q = None
   if loss_cfg.logq_correction:
     log_q = jnp.log(expected_counts(
@@ -76,14 +87,19 @@ def batch_loss(step: jax.Array, batch: dict[str, jax.Array], catalog: feats.Cata
 
   inputs = {"query_tower": feats.query_features(catalog, batch["user_index"], batch["history"]),
             "item_tower": feats.item_features(catalog, unique_items)}
-  return loss_fn, inputs
+  if config.model.id_dropout > 0:
+    drop = functools.partial(feats.drop_ids, rate=config.model.id_dropout,
+                             num_oov=config.data.num_oov_buckets)
+    inputs = {"query_tower": drop(inputs["query_tower"], jax.random.fold_in(step_key, 1)),
+              "item_tower": drop(inputs["item_tower"], jax.random.fold_in(step_key, 2))}
+  return loss_fn, inputs, item_counts
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Catalog, *,
                graphdef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                mesh: Mesh) -> tuple[TrainState, dict[str, jax.Array]]:
-  loss_fn, inputs = batch_loss(state.step, batch, catalog, graphdef=graphdef, config=config,
-                               mesh=mesh)
+  loss_fn, inputs, item_counts = batch_loss(state, batch, catalog, graphdef=graphdef,
+                                            config=config, mesh=mesh)
   if config.optimizer.get("embeddings", "dense") == "rowwise_adagrad":
     params, opt_state, metrics, grad_norm = rowsparse.value_grad_and_update(
         loss_fn, state.params, state.opt_state, inputs, graphdef=graphdef, tx=tx)
@@ -93,7 +109,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
   metrics["grad_norm"] = grad_norm
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       item_counts=item_counts), metrics
 
 
 # ----------------------------------------------------------------------------- loop
@@ -167,15 +184,17 @@ class TrainingSetup:
   num_examples: int
 
 
-def setup_training(config: ml_collections.ConfigDict, workdir: str) -> TrainingSetup:
+def setup_training(config: ml_collections.ConfigDict, workdir: str,
+                   replayed_examples: int = 0) -> TrainingSetup:
+  """`replayed_examples`: examples trained on besides the training split (the nightly replay)."""
   wd = Workdir(workdir)
   wd.bind(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.batch_size, mesh, jax.process_count())
   data = wd.prepare_data(config)
   num_steps, num_examples = loader.train_length(
-      data.schema.split_sizes["train"], config.train.batch_size, config.train.num_epochs,
-      config.train.num_steps)
+      data.schema.split_sizes["train"] + replayed_examples, config.train.batch_size,
+      config.train.num_epochs, config.train.num_steps)
   tx = make_optimizer(config.optimizer, num_steps)
   graphdef, state, state_sh = create_train_state(data.schema, config, tx, mesh)
   catalog = jax.device_put(
@@ -198,11 +217,13 @@ class WarmStart:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       hooks: Sequence[Hook] = (), warm_start: WarmStart | None = None
-                       ) -> dict[str, Any]:
+                       hooks: Sequence[Hook] = (), warm_start: WarmStart | None = None,
+                       replayed: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint in `workdir`, else from `warm_start` when given)
-  and writes train_summary.json."""
-  s = setup_training(config, workdir)
+  and writes train_summary.json. `replayed`: examples (loader.BATCH_KEYS columns, in this data's
+  indexing) trained on together with the training split (two_tower/replay.py)."""
+  num_replayed = 0 if replayed is None else len(replayed["user_index"])
+  s = setup_training(config, workdir, num_replayed)
   first_step = warm_start.step if warm_start is not None else 0
   last_step = first_step + s.num_steps
   cfg = config.train
@@ -210,6 +231,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   best = s.workdir.best_checkpointer() if cfg.select_by else None
   split = loader.open_split(s.data.record_source("train"), s.data.schema.history_length,
                             config.data.cache)
+  if num_replayed:
+    split = replay_lib.ReplaySplit(split, replayed)
   dataset = loader.train_dataset(
       split, batch_size=cfg.batch_size, num_examples=s.num_examples, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -300,6 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last = checkpointer.latest_step()
   summary = {
       "steps": int(state.step),
+      "replayed_examples": num_replayed,
       "examples_per_s": stopwatch.examples_per_s(sync=state.step),
       "final_loss": final_loss,
       "checkpoint": checkpointer.path(last) if last is not None else None,

@@ -22,11 +22,12 @@ import optax
 from pipelines.schema import Schema
 from two_tower import sharding
 from two_tower.checkpoint import Checkpointer
-from two_tower.state import TrainState, abstract_params
+from two_tower.state import TrainState, abstract_params, item_id_rows, streams_item_counts
 from two_tower.trees import named_leaves, path_name
 
 # The name of an embedding table's leaf, in the parameters and in every copy the optimizer keeps.
 _TABLE = re.compile(r"tables/([^/]+)/embedding$")
+_ITEM_COUNTS = "item_counts"  # TrainState.item_counts (two_tower/item_frequency.py)
 
 
 def table_vocabularies(schema: Schema) -> dict[str, str]:
@@ -46,6 +47,9 @@ def grow(fresh: Any, parent: Any, carried: Mapping[str, np.ndarray],
   def one(path, new):
     name = path_name(path)
     old = old_leaves[name]
+    if name == _ITEM_COUNTS:  # per item-ID row, like the item-ID table's rows
+      rows = carried["item_id"]
+      return jnp.where(jnp.asarray(rows), jnp.zeros_like(new).at[:old.shape[0]].set(old), new)
     match = _TABLE.search(name)
     # 2-D: a table, or its moments; 1-D: a per-row state (row-wise Adagrad's accumulators).
     if match is None or getattr(new, "ndim", 0) not in (1, 2):
@@ -80,10 +84,15 @@ def abstract_train_state(schema: Schema, config: ml_collections.ConfigDict,
   _, params, param_sh = abstract_params(schema, config, mesh)
   opt_sh = sharding.opt_state_shardings(tx, params, param_sh, mesh)
   place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+  counts = None
+  if streams_item_counts(config):
+    counts = jax.ShapeDtypeStruct((item_id_rows(params),), jnp.float32,
+                                  sharding=sharding.replicated(mesh))
   return TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)),
       params=jax.tree.map(place, params, param_sh),
-      opt_state=jax.tree.map(place, jax.eval_shape(tx.init, params), opt_sh))
+      opt_state=jax.tree.map(place, jax.eval_shape(tx.init, params), opt_sh),
+      item_counts=counts)
 
 
 def warm_start_state(parent: Checkpointer, parent_step: int, parent_schema: Schema,
