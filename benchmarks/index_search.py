@@ -317,9 +317,8 @@ def run_faiss(bench: Bench, threads: int, args) -> list[Method]:
   ivf = faiss.extract_index_ivf(index)
   for nprobe in (4, 8, 16, 24, 32, 48, 64, 96):
     for k_factor in (2, 4, 8, 16, 32):
-      ivf.nprobe, index.k_factor = min(nprobe, nlist), k_factor
-      bench.point(method, f"nprobe={ivf.nprobe} k_factor={k_factor}",
-                  lambda q: index.search(q, K)[1])
+      bench.point(method, f"nprobe={min(nprobe, nlist)} k_factor={k_factor}",
+                  lambda q, p=min(nprobe, nlist), f=k_factor: faiss_ivf_search(ivf, index, q, p, f))
   out.append(method)
   print(f"FAISS {key}: built in {seconds:.1f}s", flush=True)
 
@@ -331,14 +330,30 @@ def run_faiss(bench: Bench, threads: int, args) -> list[Method]:
   method = Method("FAISS HNSW", seconds, faiss_mib(faiss, index),
                   note=f"M={args.hnsw_m} efConstruction={args.ef_construction}")
   for ef in EF_SEARCH:
-    index.hnsw.efSearch = ef
-    bench.point(method, f"efSearch={ef}", lambda q: index.search(q, K)[1])
+    bench.point(method, f"efSearch={ef}", lambda q, ef=ef: faiss_hnsw_search(index, q, ef))
   out.append(method)
   print(f"FAISS HNSW: built in {seconds:.1f}s", flush=True)
   return out
 
 
 EF_SEARCH = (10, 16, 24, 32, 48, 64, 96, 128, 192)
+
+
+# Search functions set their index's parameters on every call: the head-to-head re-timing runs a
+# point again after the sweep has moved the index on to other values.
+def faiss_ivf_search(ivf, index, q: np.ndarray, nprobe: int, k_factor: int) -> np.ndarray:
+  ivf.nprobe, index.k_factor = nprobe, k_factor
+  return index.search(q, K)[1]
+
+
+def faiss_hnsw_search(index, q: np.ndarray, ef: int) -> np.ndarray:
+  index.hnsw.efSearch = ef
+  return index.search(q, K)[1]
+
+
+def hnswlib_search(index, q: np.ndarray, ef: int, threads: int) -> np.ndarray:
+  index.set_ef(ef)
+  return index.knn_query(q, k=K, num_threads=threads)[0]
 
 
 def faiss_mib(faiss, index) -> float:
@@ -361,8 +376,7 @@ def run_hnswlib(bench: Bench, threads: int, args) -> list[Method]:
     mib = directory_mib(tmp)
   method = Method("hnswlib", seconds, mib, note=f"M={args.hnsw_m} ef_construction={args.ef_construction}")
   for ef in EF_SEARCH:
-    index.set_ef(max(ef, K))
-    bench.point(method, f"ef={max(ef, K)}", lambda q: index.knn_query(q, k=K, num_threads=threads)[0])
+    bench.point(method, f"ef={max(ef, K)}", lambda q, ef=max(ef, K): hnswlib_search(index, q, ef, threads))
   print(f"hnswlib: built in {seconds:.1f}s", flush=True)
   return [method]
 
