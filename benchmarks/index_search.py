@@ -317,8 +317,9 @@ def run_faiss(bench: Bench, threads: int, args) -> list[Method]:
   ivf = faiss.extract_index_ivf(index)
   for nprobe in (4, 8, 16, 24, 32, 48, 64, 96):
     for k_factor in (2, 4, 8, 16, 32):
-      bench.point(method, f"nprobe={min(nprobe, nlist)} k_factor={k_factor}",
-                  lambda q, p=min(nprobe, nlist), f=k_factor: faiss_ivf_search(ivf, index, q, p, f))
+      probe = min(nprobe, nlist)
+      bench.point(method, f"nprobe={probe} k_factor={k_factor}",
+                  lambda q, p=probe, f=k_factor, ix=index: faiss_ivf_search(ivf, ix, q, p, f))
   out.append(method)
   print(f"FAISS {key}: built in {seconds:.1f}s", flush=True)
 
@@ -330,7 +331,7 @@ def run_faiss(bench: Bench, threads: int, args) -> list[Method]:
   method = Method("FAISS HNSW", seconds, faiss_mib(faiss, index),
                   note=f"M={args.hnsw_m} efConstruction={args.ef_construction}")
   for ef in EF_SEARCH:
-    bench.point(method, f"efSearch={ef}", lambda q, ef=ef: faiss_hnsw_search(index, q, ef))
+    bench.point(method, f"efSearch={ef}", lambda q, ef=ef, ix=index: faiss_hnsw_search(ix, q, ef))
   out.append(method)
   print(f"FAISS HNSW: built in {seconds:.1f}s", flush=True)
   return out
@@ -376,7 +377,8 @@ def run_hnswlib(bench: Bench, threads: int, args) -> list[Method]:
     mib = directory_mib(tmp)
   method = Method("hnswlib", seconds, mib, note=f"M={args.hnsw_m} ef_construction={args.ef_construction}")
   for ef in EF_SEARCH:
-    bench.point(method, f"ef={max(ef, K)}", lambda q, ef=max(ef, K): hnswlib_search(index, q, ef, threads))
+    bench.point(method, f"ef={max(ef, K)}",
+                lambda q, ef=max(ef, K): hnswlib_search(index, q, ef, threads))
   print(f"hnswlib: built in {seconds:.1f}s", flush=True)
   return [method]
 
