@@ -494,7 +494,10 @@ def main() -> None:
        [by_name["ScaNN SOAR swept"]], RECALL_TARGET, None),
       ("auto_vs_best_scann_swept_at_auto_recall",
        f"best of ScaNN swept at recall@10 >= {auto['recall@10']}", [by_name["ScaNN swept"]],
-       auto["recall@10"], None)):
+       auto["recall@10"], None),
+      # ScaNN's own automatic choices, which would replace our rules if they won.
+      ("auto_vs_scann_soar_auto", "ScaNN SOAR auto", [by_name["ScaNN SOAR auto"]], 0.0, None),
+      ("auto_vs_scann_autopilot", "ScaNN autopilot", [by_name["ScaNN autopilot"]], 0.0, None)):
     best, name = best_at(candidates, floor)
     if best is None or not ok:
       ratios[key] = None
