@@ -10,8 +10,8 @@ On the same items and queries, with the same number of search threads for every 
   * "ScaNN auto": the index exactly as `launch.build_index` builds it (our size rules in
     two_tower/search.py, then calibration of the automatic search settings on 500 calibration
     queries, two_tower/calibration.py): one point.
-  * "ScaNN swept": trees of N/2000, N/1000 and N/500 leaves (our √N rule and one step either way at
-    1M), swept over leaves searched and exact re-ordering depth.
+  * "ScaNN swept": trees of ½, 1 and 2 times the rule's √N leaves (500, 1,000, 2,000 at 1M),
+    each swept over leaves searched and exact re-ordering depth.
   * "ScaNN SOAR": the rule's tree with SOAR spilling (`tree(..., soar_lambda=1.5)`), swept the same
     way, and "ScaNN SOAR auto": that tree calibrated like "ScaNN auto" (one point).
   * "ScaNN autopilot": ScaNN 1.4's `autopilot()`, searched at the settings it chose (one point).
