@@ -11,6 +11,13 @@ from configs import movielens_100k
 def get_config():
   c = movielens_100k.get_config()
   c.data.split.update(kind="per_user_ratio", ratios=(0.8, 0.1, 0.1))
+  # This split's own validation picks the loss and optimizer settings between the two candidates:
+  # temperature 0.2, learning rate 2e-3, 1,024 uniform negatives gives validation ndcg@10
+  # 0.2579 +- 0.0024 (seeds 0,1,2), against 0.2442 +- 0.0017 for the random split's choice
+  # (temperature 0.3, 3e-3, none; configs/movielens_100k.py).
+  c.model.temperature = 0.2
+  c.loss.num_uniform_negatives = 1024
+  c.optimizer.learning_rate = 2e-3
   # The validation split picks the best state (RecBole's protocol: early stopping on validation).
   # num_epochs is the learning-rate schedule's horizon; early stopping ends training sooner.
   c.train.update(num_epochs=15.0, eval_every_steps=80, select_by="ndcg@10", early_stopping_evals=5)
