@@ -51,6 +51,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       # The validation files are a carve-out of the training files (as Gowalla's valid.txt is of
       # train.txt): training interactions whose (user, item) pair is in validation are dropped.
       validation_from_train=False,
+      # CSV, TSV or Parquet tables of the current users / items (by extension, else `format`):
+      # the ID column and the side's declared feature columns, one row per ID. Their features
+      # replace those of the interactions, and an entity without interactions (a new item) is in
+      # the catalog with its features. "": the entities of the interactions only.
+      user_table="", item_table="",
   ))
   d.split = ml_collections.ConfigDict(dict(
       # random | per_user_ratio | temporal_last_n | temporal_global | predefined (given by the

@@ -4,6 +4,8 @@
   python -m launch.nightly --workdir=DIR --date=2026-01-02       # warm-started from the live day
   python -m launch.nightly --workdir=DIR --date=D --force        # publish even if the gate fails
   python -m launch.nightly --workdir=DIR --date=yesterday        # from a scheduler (UTC)
+  python -m launch.nightly --workdir=DIR --date=D --config=configs/my_logs.py \
+      --interactions='logs/D/*.parquet' --items=items.parquet    # the day's files (data.source='logs')
 
 It prepares the day's data (the synthetic world's day by default), grows the ID registry, trains
 from the live model (parameters and optimizer state) for the day's budget, evaluates the new and
@@ -15,12 +17,14 @@ configs/nightly.py).
 """
 
 import datetime
+import glob
 import os
 
 from absl import app, flags
 
 from configs import nightly as nightly_config
 from launch import common, nightly_jobs
+from two_tower.errors import UserError
 
 _CONFIG = common.define_config(default=None,
                                help_text="ml_collections config file (default: the work directory's "
@@ -30,6 +34,13 @@ _DATE = flags.DEFINE_string("date", None, "The day to run, YYYY-MM-DD, or today 
                             "(UTC; what a scheduler passes).", required=True)
 _FORCE = flags.DEFINE_bool("force", False, "Publish the day even if the new model fails the gate "
                            "(recorded in its summary).")
+_INTERACTIONS = flags.DEFINE_list(
+    "interactions", None, "The day's interaction files (data.source='logs'), comma-separated; "
+    "each may be a glob. They replace data.logs.files, and --items / --users the tables.")
+_ITEMS = flags.DEFINE_string("items", "", "The current item table (CSV/TSV/Parquet: item ID and "
+                             "item feature columns); its items without interactions are indexed.")
+_USERS = flags.DEFINE_string("users", "", "The current user table (CSV/TSV/Parquet: user ID and "
+                             "user feature columns).")
 
 
 def resolve_date(date: str, today: datetime.date | None = None) -> str:
@@ -39,12 +50,47 @@ def resolve_date(date: str, today: datetime.date | None = None) -> str:
   return named[date].isoformat() if date in named else date
 
 
-def run(config, workdir: str, date: str, force: bool) -> None:
+def expand_files(flag: str, entries: list[str]) -> list[str]:
+  """Absolute paths of comma-separated files and globs (each glob's matches in sorted order)."""
+  files = []
+  for entry in entries:
+    matches = sorted(glob.glob(entry)) if glob.has_magic(entry) else [entry]
+    if not matches or not os.path.isfile(matches[0]):
+      raise UserError(f"--{flag}={entry}: no such file; give the day's existing files (a "
+                      "comma-separated list, each a path or a glob)")
+    files.extend(os.path.abspath(m) for m in matches)
+  return files
+
+
+def with_day_files(config, interactions: list[str] | None, items: str, users: str):
+  """The config reading the day's files of the flags: interactions and (optional) tables."""
+  if interactions is None:
+    if items or users:
+      raise UserError("--items and --users come with the day's --interactions")
+    return config
+  if config.data.source != "logs":
+    raise UserError(f"--interactions needs a config with data.source='logs' (this one reads "
+                    f"{config.data.source!r}): pass --config with the files' schema in data.logs")
+  config = config.copy_and_resolve_references()
+  config.data.logs.files = tuple(expand_files("interactions", interactions))
+  config.data.logs.split_files.update(train=(), validation=(), test=())
+  config.data.logs.item_table = expand_files("items", [items])[0] if items else ""
+  config.data.logs.user_table = expand_files("users", [users])[0] if users else ""
+  return config
+
+
+def run(config, workdir: str, date: str, force: bool, interactions: list[str] | None = None,
+        items: str = "", users: str = "") -> None:
   date = resolve_date(date)
+  config_given = config is not None
   if config is None:
     life = nightly_jobs.Lifecycle(workdir)
     config = (life.config() if os.path.exists(life.path("config.json"))
               else nightly_config.get_config())
+  if interactions is None and config.data.source == "logs" and not config_given:
+    raise UserError("this work directory reads files (data.source='logs'): give the day's "
+                    "--interactions (and --items / --users), or a --config naming them")
+  config = with_day_files(config, interactions, items, users)
   summary = nightly_jobs.run_day(workdir, date, config, force=force)
   common.print_json(f"day {date}", {k: summary[k] for k in (
       "published", "parent", "model_step", "num_users", "num_items", "new_users", "new_items",
@@ -56,7 +102,7 @@ def main(argv):
   del argv
   common.start()
   common.run_cli(lambda: run(common.loaded_config(_CONFIG), _WORKDIR.value, _DATE.value,
-                             _FORCE.value))
+                             _FORCE.value, _INTERACTIONS.value, _ITEMS.value, _USERS.value))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 publish, recorded in days/<date>/summary.json.
 
   DIR/config.json                the config the lifecycle started with (checked every day)
+  DIR/inputs.json                with data.source='logs': the first day's interaction columns
+                                 (every later day's files must have the same)
   DIR/LIVE.json                  the published day: its date, checkpoint, index and candidates
   DIR/days/<date>/               the day's own work directory (two_tower.workdir.Workdir): its
                                  config (the day's data), data/, checkpoints/, eval/, index/,
@@ -36,6 +38,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from launch import jobs
+from pipelines import logs
 from pipelines.prepare import load_raw
 from two_tower import atomic, registry as registry_lib, sharding
 from two_tower import replay as replay_lib
@@ -54,8 +57,11 @@ STAGES = ("prepare", "train", "evaluate", "gate", "index", "candidates", "publis
 # model or of its optimizer state.
 DAILY_KEYS = RUNTIME_KEYS + ("train.", "optimizer.learning_rate", "optimizer.schedule",
                              "optimizer.warmup_steps", "optimizer.embedding_learning_rate",
-                             "model.id_dropout", "nightly.", "gate.")
+                             "model.id_dropout", "nightly.", "gate.", "data.source_dir",
+                             "data.logs.files", "data.logs.split_files", "data.logs.user_table",
+                             "data.logs.item_table")
 REGISTRY = "registry.npz"
+INPUTS = "inputs.json"
 
 
 class NightlyError(UserError):
@@ -129,10 +135,11 @@ def day_config(config: ml_collections.ConfigDict, day_dir: str, date: str
                ) -> ml_collections.ConfigDict:
   """The config of one day's work directory: the day's data, indexed by the day's registry."""
   config = ml_collections.ConfigDict(config.to_dict())
-  if config.data.source != "synthetic":
-    raise NightlyError("the nightly job reads the synthetic world for now (data.source='synthetic');"
-                       " day files (data.source='logs') are not supported yet")
-  config.data.synthetic.date = date
+  if config.data.source == "synthetic":
+    config.data.synthetic.date = date
+  elif config.data.source != "logs":
+    raise NightlyError("the nightly job reads the synthetic world by day or each day's files "
+                       f"(data.source='synthetic' or 'logs'), not data.source={config.data.source!r}")
   config.data.id_registry = os.path.join(day_dir, REGISTRY)
   config.data.data_dir = ""  # each day's data inside its own directory
   return config
@@ -161,6 +168,39 @@ def _check_date(life: Lifecycle, date: str) -> None:
     raise NightlyError(
         f"day {unfinished[0]} of {life.root} did not finish: rerun it (--date={unfinished[0]}) "
         f"before starting {date}")
+
+
+def _check_inputs(life: Lifecycle, config: ml_collections.ConfigDict) -> dict | None:
+  """With data.source='logs', refuses (before anything is written) a day's missing file, an
+  interaction file whose columns differ from the first day's, and a user or item table that
+  cannot be read (a missing column, an ID on two rows). Returns the columns to record on the
+  first day (None once recorded, or for other sources)."""
+  if config.data.source != "logs":
+    return None
+  cfg, base = config.data.logs, config.data.source_dir
+  files = [path for path, _ in logs.log_files(cfg, base)]
+  for side in ("user", "item"):
+    if cfg.get(f"{side}_table", ""):
+      logs.entity_table(cfg, side, logs.resolve_path(cfg[f"{side}_table"], base))
+  if cfg.format.lower() == "adjacency":
+    return None
+  columns = {p: logs.file_columns(p, logs.file_format(p, cfg.format.lower())) for p in files}
+  recorded = _read(life.path(INPUTS))
+  first = recorded or {"file": files[0], "columns": columns[files[0]]}
+  for path, cols in columns.items():
+    missing = [c for c in first["columns"] if c not in cols]
+    extra = [c for c in cols if c not in first["columns"]]
+    retyped = [f"{c} ({first['columns'][c]} -> {cols[c]})" for c in cols
+               if c in first["columns"] and "string" not in (cols[c], first["columns"][c])
+               and cols[c] != first["columns"][c]]
+    if missing or extra or retyped:
+      raise NightlyError(
+          f"{path} does not have the columns of {life.root}'s first day (those of {first['file']}, "
+          f"recorded in {life.path(INPUTS)}):" + (f" missing {missing}" if missing else "")
+          + (f" unexpected {extra}" if extra else "") + (f" retyped {retyped}" if retyped else "")
+          + ". Write the day's files with the first day's columns, or start a new --workdir for "
+          "a new schema.")
+  return None if recorded else first
 
 
 class _Day:
@@ -369,7 +409,6 @@ def run_day(workdir: str, date: str, config: ml_collections.ConfigDict | None = 
   life = Lifecycle(workdir)
   if config is None:
     config = life.config()
-  life.bind(config)
   config = config_lib.validate(config)
   if config.train.select_by or config.train.eval_every_steps:
     raise NightlyError("the nightly job trains each day's budget and gates on the day's holdout: "
@@ -380,6 +419,10 @@ def run_day(workdir: str, date: str, config: ml_collections.ConfigDict | None = 
         " nothing to do" + ("" if summary["published"] else "; rerun with --force to publish it"))
     return summary
   _check_date(life, date)
+  first_inputs = _check_inputs(life, config)
+  life.bind(config)
+  if first_inputs is not None:
+    atomic.write_json(life.path(INPUTS), first_inputs)
   day = _Day(life, config, date, hook)
   if summary is not None:  # a day that failed its gate, published now with --force
     os.unlink(os.path.join(day.dir, "summary.json"))

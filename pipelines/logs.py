@@ -39,12 +39,15 @@ def _paths(value) -> list[str]:
   return [value] if isinstance(value, str) else list(value)
 
 
+def resolve_path(path: str, base_dir: str) -> str:
+  """`path`, read from `base_dir` (data.source_dir) when relative."""
+  return os.path.join(base_dir, path) if base_dir and not os.path.isabs(path) else path
+
+
 def log_files(cfg, base_dir: str = "") -> list[tuple[str, int | None]]:
   """(path, split) of every file to read, in order: the split is TRAIN / VALIDATION / TEST for
   data.logs.split_files, else None. Relative paths are read from `base_dir` (data.source_dir)."""
-  def resolve(path: str) -> str:
-    return os.path.join(base_dir, path) if base_dir and not os.path.isabs(path) else path
-
+  resolve = lambda path: resolve_path(path, base_dir)
   split_files = cfg.get("split_files") or {}
   by_split = {name: _paths(split_files.get(name, ())) for name in splits.SPLIT_NAMES}
   files = _paths(cfg.files)
@@ -360,7 +363,6 @@ def interaction_logs(cfg, base_dir: str = "") -> RawData:
     raise DataError(f"data.logs.format must be one of {', '.join(LOG_FORMATS)}, got {cfg.format!r}")
   files = log_files(cfg, base_dir)
   split_column = cfg.get("split_column", "")
-  delimiter = "\t" if fmt == "tsv" else ","
   declared, needed = columns_to_read(cfg)
   if fmt == "adjacency" and (declared["user"] or declared["item"] or cfg.weight or split_column):
     raise DataError(
@@ -387,13 +389,16 @@ def interaction_logs(cfg, base_dir: str = "") -> RawData:
       if file_split is not None:
         add("split", np.full(len(user), file_split, np.int8))
   else:
-    schemas = {path: _file_schema(path, fmt, delimiter) for path, _ in files}
+    # Each file's format by its extension (a .parquet day among .csv days), else data.logs.format.
+    formats = {path: file_format(path, fmt) for path, _ in files}
+    delimiters = {path: "\t" if formats[path] == "tsv" else "," for path in formats}
+    schemas = {path: _file_schema(path, formats[path], delimiters[path]) for path, _ in files}
     _check_schemas(schemas, needed)
     list_columns = {name for name in values
                     if _type_kind(schemas[files[0][0]][name]) == "list"}
     for path, file_split in files:
       num_rows = 0
-      for row0, batch in _batches(path, fmt, delimiter, list(needed)):
+      for row0, batch in _batches(path, formats[path], delimiters[path], list(needed)):
         column = lambda name: _Column(batch, name, path, row0)
         add("user", ids["user"].encode(column(cfg.user_id).ids("user ID")))
         add("item", ids["item"].encode(column(cfg.item_id).ids("item ID")))
@@ -460,4 +465,104 @@ def interaction_logs(cfg, base_dir: str = "") -> RawData:
   if split is not None:
     interactions["split"] = split
   features = tuple(RawFeature(n, side, k) for side in ("user", "item") for k, n in declared[side])
-  return RawData(interactions=interactions, users=users, items=items, features=features)
+  raw = RawData(interactions=interactions, users=users, items=items, features=features)
+  for side in ("user", "item"):
+    if cfg.get(f"{side}_table", ""):
+      raw = with_entity_table(raw, side, entity_table(cfg, side, resolve_path(cfg[f"{side}_table"],
+                                                                               base_dir)))
+  return raw
+
+
+# ----------------------------------------------------------------------------- user and item tables
+
+
+def file_format(path: str, default: str) -> str:
+  """csv, tsv or parquet by the file name's extension, else `default` (data.logs.format)."""
+  name = path.lower().removesuffix(".gz")
+  for ext, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".tsv", "tsv"), (".csv", "csv")):
+    if name.endswith(ext):
+      return fmt
+  return default
+
+
+def file_columns(path: str, fmt: str) -> dict[str, str]:
+  """The columns of a CSV, TSV or Parquet file and the kind of each (CSV columns: string)."""
+  return {name: _type_kind(t)
+          for name, t in _file_schema(path, fmt, "\t" if fmt == "tsv" else ",").items()}
+
+
+def entity_table(cfg, side: str, path: str) -> dict[str, Any]:
+  """The user or item table of file `path` (data.logs.user_table / item_table): its ID column
+  (data.logs.user_id / item_id) and the side's declared feature columns, one row per ID, as
+  `RawData.users` / `items` hold them (IDs as text). Raises DataError naming the file for a missing
+  column, a missing ID or an ID on more than one row."""
+  key = f"data.logs.{side}_table"
+  fmt = file_format(path, cfg.format.lower())
+  if fmt not in ("csv", "tsv", "parquet"):
+    raise DataError(f"{key} {path} must be a CSV, TSV or Parquet file")
+  if "://" not in path and not os.path.isfile(path):
+    raise DataError(f"{key} {path} does not exist: fix the path, or leave {key} unset")
+  declared, _ = columns_to_read(cfg)
+  id_column = cfg[f"{side}_id"]
+  needed = {id_column: f"data.logs.{side}_id"}
+  needed.update({name: f"data.logs.{side}_{kind}" for kind, name in declared[side]})
+  _check_schemas({path: _file_schema(path, fmt, "\t" if fmt == "tsv" else ",")}, needed)
+  kinds = file_columns(path, fmt)
+  parts: dict[str, list] = {}
+  for row0, batch in _batches(path, fmt, "\t" if fmt == "tsv" else ",", list(needed)):
+    column = lambda name: _Column(batch, name, path, row0)
+    parts.setdefault(id_column, []).append(
+        pc.cast(column(id_column).ids(f"{side} ID"), pa.string()).to_numpy(zero_copy_only=False))
+    for kind, name in declared[side]:
+      if kind == "numeric":
+        values = column(name).numbers()
+      elif kind == "multi":
+        separator = _LIST_SEPARATOR if kinds[name] == "list" else cfg.multi_separator
+        values = [[t for t in bag.split(separator) if t] for bag in column(name).bags().to_pylist()]
+      else:
+        values = pc.cast(column(name).categories(), pa.string()).to_numpy(zero_copy_only=False)
+      parts.setdefault(name, []).append(values)
+  if id_column not in parts:
+    raise DataError(f"{key} {path} has a header but no rows: write one row per {side}, or leave "
+                    f"{key} unset")
+  ids = np.concatenate(parts.pop(id_column)).astype(str)
+  unique, counts = np.unique(ids, return_counts=True)
+  if (counts > 1).any():
+    duplicated = unique[counts > 1]
+    raise DataError(
+        f"{key} {path} has {len(duplicated)} {side} IDs on more than one row (e.g. {side} "
+        f"{str(duplicated[0])!r}, on {int(counts[counts > 1][0])} rows): keep one row per {side}, its "
+        "current features")
+  table: dict[str, Any] = {f"{side}_id": ids}
+  for kind, name in declared[side]:
+    table[name] = (sum(parts[name], []) if kind == "multi" else np.concatenate(parts[name]))
+  return table
+
+
+def with_entity_table(raw: RawData, side: str, table: dict[str, Any]) -> RawData:
+  """`raw` with its user or item table replaced by `table` plus the entities of the interactions
+  the table lacks (with their features from the interactions). An entity of the table without
+  interactions (a new item) is in the catalog with its features; the table's features win."""
+  old = raw.users if side == "user" else raw.items
+  key = f"{side}_id"
+  old_ids, new_ids = np.asarray(old[key]).astype(str), np.asarray(table[key]).astype(str)
+  only_old = ~np.isin(old_ids, new_ids)
+  ids = np.concatenate([new_ids, old_ids[only_old]])
+  order = np.argsort(ids, kind="stable")
+  merged: dict[str, Any] = {key: ids[order]}
+  for f in raw.features:
+    if f.side != side:
+      continue
+    if f.kind == "multi":
+      values = list(table[f.name]) + [bag for bag, keep in zip(old[f.name], only_old) if keep]
+      merged[f.name] = [values[i] for i in order]
+    else:
+      values = np.concatenate([np.asarray(table[f.name]).astype(np.asarray(old[f.name]).dtype
+                                                                 if f.kind == "numeric" else str),
+                               np.asarray(old[f.name])[only_old]])
+      merged[f.name] = values[order]
+  interactions = dict(raw.interactions)
+  rows = np.searchsorted(merged[key], old_ids)  # each old row's position in the merged table
+  interactions[f"{side}_row"] = rows.astype(np.int32)[raw.interactions[f"{side}_row"]]
+  users, items = (merged, raw.items) if side == "user" else (raw.users, merged)
+  return RawData(interactions=interactions, users=users, items=items, features=raw.features)

@@ -667,3 +667,149 @@ def test_gate_failure_publishes_nothing_until_forced(after_day1, tmp_path):
   assert forced["published"] and forced["forced"]
   with open(os.path.join(root, "LIVE.json")) as f:
     assert json.load(f)["date"] == DAY2
+
+
+# ----------------------------------------------------------------------------- the day's files
+
+
+def logs_nightly_config():
+  """tiny_nightly_config() reading each day's files (data.source='logs') of the synthetic world."""
+  c = tiny_nightly_config()
+  c.data.synthetic.update(num_users=150, num_items=100)
+  c.data.synthetic.world.interactions_per_day = 800
+  c.data.source = "logs"
+  c.data.logs.update(user_categorical=("segment", "age"), user_numeric=("account_age",),
+                     item_categorical=("category",), item_multi=("tags",), item_numeric=("price",))
+  c.index.update(calibration_queries=20, validation_queries=20)
+  return c
+
+
+def write_day_files(directory, date, fmt):
+  """The synthetic world's day `date` as the files a user gives: interactions with the logs
+  schema (each row carries its user's and item's features) and the item table, which holds
+  items without interactions too. Returns (interaction file, item table, the day's raw data)."""
+  import pyarrow as pa
+  import pyarrow.csv as pa_csv
+  import pyarrow.parquet as pq
+  raw, _ = synthetic.generate_day(logs_nightly_config().data.synthetic, date)
+  inter = raw.interactions
+  user_row = np.searchsorted(raw.users["user_id"], inter["user_id"])
+  item_row = np.searchsorted(raw.items["item_id"], inter["item_id"])
+
+  def tags(rows):
+    bags = [raw.items["tags"][r] for r in rows]
+    return pa.array(bags) if fmt == "parquet" else pa.array(["|".join(b) for b in bags])
+
+  interactions = pa.table({
+      "user_id": inter["user_id"], "item_id": inter["item_id"], "timestamp": inter["timestamp"],
+      "segment": raw.users["segment"][user_row], "age": raw.users["age"][user_row],
+      "account_age": raw.users["account_age"][user_row],
+      "category": raw.items["category"][item_row], "tags": tags(item_row),
+      "price": raw.items["price"][item_row]})
+  items = pa.table({"item_id": raw.items["item_id"], "category": raw.items["category"],
+                    "tags": tags(np.arange(len(raw.items["item_id"]))),
+                    "price": raw.items["price"]})
+  os.makedirs(directory, exist_ok=True)
+  paths = [os.path.join(str(directory), f"{name}-{date}.{fmt}") for name in ("interactions", "items")]
+  for table, path in zip((interactions, items), paths):
+    pq.write_table(table, path) if fmt == "parquet" else pa_csv.write_csv(table, path)
+  return paths[0], paths[1], raw
+
+
+def _tree(root):
+  """Every file under `root` with its size and modification time: what a refused day must keep."""
+  return {os.path.join(d, f): (os.stat(os.path.join(d, f)).st_size,
+                               os.stat(os.path.join(d, f)).st_mtime_ns)
+          for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.fixture(scope="module")
+def logs_days(tmp_path_factory):
+  """A work directory after day 1 read from CSV files and day 2 from Parquet files given by the
+  nightly command's flags; (its root after day 1 (a copy), its root after day 2, day 2's raw data,
+  the input directory)."""
+  from conftest import run_module
+  from launch import nightly
+  inputs = tmp_path_factory.mktemp("inputs")
+  root = str(tmp_path_factory.mktemp("logs") / "w")
+  config = logs_nightly_config()
+  inter1, items1, _ = write_day_files(inputs, DAY1, "csv")
+  nightly.run(config, root, DAY1, False, [inter1], items1)
+  after_day1 = _copy(root, tmp_path_factory.mktemp("logs1") / "w")
+  inter2, items2, raw2 = write_day_files(inputs, DAY2, "parquet")
+  result = run_module("launch.nightly", f"--workdir={root}", f"--date={DAY2}",
+                      f"--interactions={inputs}/interactions-{DAY2}.*", f"--items={items2}",
+                      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return after_day1, root, raw2, str(inputs)
+
+
+def test_day_files_grow_the_registry_and_index_new_items(logs_days):
+  from two_tower.workdir import Workdir
+  after_day1, root, raw2, _ = logs_days
+  first, second = _summary(after_day1, DAY1), _summary(root, DAY2)
+  assert first["published"] and second["published"] and second["parent_date"] == DAY1
+  # Day 2's catalog is its item table: items without interactions (none on day 1 or 2) included.
+  catalog = np.asarray(raw2.items["item_id"]).astype(str)
+  seen = np.union1d(np.asarray(raw2.interactions["item_id"]).astype(str),
+                    np.asarray(_day_items_seen(after_day1, DAY1)))
+  cold = np.setdiff1d(catalog, seen)
+  assert len(cold) > 0 and second["num_items"] == len(catalog)
+  assert second["new_items"] > 0 and second["cold_items"] >= len(cold)
+  assert second["index"]["num_items"] == len(catalog)
+  # The cold items are in the day's prepared catalog on a shared bucket row, with their features.
+  day = Workdir(os.path.join(root, "days", DAY2))
+  data = day.prepare_data(day.config())
+  raw_ids = np.asarray(data.table("item", "raw_id")).astype(str)
+  rows = np.asarray(data.table("item", "item_id"))
+  at = np.searchsorted(raw_ids, cold)
+  np.testing.assert_array_equal(raw_ids[at], cold)
+  assert (rows[at] <= day.config().data.num_oov_buckets).all()
+  # Registry rows: day 1's items keep theirs, and day 2's newly seen items got new ones.
+  registry = registry_lib.Registry.load(os.path.join(root, "days", DAY2, "registry.npz"))
+  before = registry_lib.Registry.load(os.path.join(after_day1, "days", DAY1, "registry.npz"))
+  kept = np.intersect1d(before.vocab("item_id").ids, registry.vocab("item_id").ids)
+  assert len(kept) > 0 and len(registry.vocab("item_id").ids) > len(before.vocab("item_id").ids)
+
+
+def _day_items_seen(root, date):
+  registry = registry_lib.Registry.load(os.path.join(root, "days", date, "registry.npz"))
+  vocab = registry.vocab("item_id")
+  return np.concatenate([vocab.ids, vocab.pending_ids]).astype(str)
+
+
+def test_bad_day_files_are_refused_and_change_nothing(logs_days, tmp_path):
+  import pyarrow.parquet as pq
+  from launch import nightly
+  from two_tower.errors import UserError
+  after_day1, _, _, inputs = logs_days
+  root = _copy(after_day1, tmp_path / "w")
+  before = _tree(root)
+  inter2, items2 = (os.path.join(inputs, f"{n}-{DAY2}.parquet") for n in ("interactions", "items"))
+  # A day whose interaction columns differ from the first day's.
+  renamed = str(tmp_path / "renamed.parquet")
+  table = pq.read_table(inter2)
+  pq.write_table(table.rename_columns(["ts" if c == "timestamp" else c for c in table.column_names]),
+                 renamed)
+  with pytest.raises(UserError, match=r"renamed.parquet.*missing \['timestamp'\].*unexpected \['ts'\]"):
+    nightly.run(None, root, DAY2, False, [renamed], items2)
+  # An item table with an item on two rows, named.
+  items = pq.read_table(items2)
+  duplicated = str(tmp_path / "duplicated.parquet")
+  pq.write_table(items.take(np.r_[np.arange(items.num_rows), [3]]), duplicated)
+  item3 = str(items.column("item_id")[3].as_py())
+  with pytest.raises(UserError, match=rf"duplicated.parquet.*item '{item3}'.*one row per item"):
+    nightly.run(None, root, DAY2, False, [inter2], duplicated)
+  # Missing files: the day's interactions, the item table, a table given in the config.
+  with pytest.raises(UserError, match=r"--interactions=.*absent.csv: no such file"):
+    nightly.run(None, root, DAY2, False, [str(tmp_path / "absent.csv")])
+  with pytest.raises(UserError, match=r"--items=.*absent.parquet: no such file"):
+    nightly.run(None, root, DAY2, False, [inter2], str(tmp_path / "absent.parquet"))
+  config = logs_nightly_config()
+  config.data.logs.update(files=(inter2,), item_table=str(tmp_path / "gone.parquet"))
+  with pytest.raises(UserError, match=r"data.logs.item_table .*gone.parquet does not exist"):
+    nightly.run(config, root, DAY2, False)
+  # No files at all for a work directory that reads files.
+  with pytest.raises(UserError, match="give the day's --interactions"):
+    nightly.run(None, root, DAY2, False)
+  assert _tree(root) == before
