@@ -813,3 +813,32 @@ def test_bad_day_files_are_refused_and_change_nothing(logs_days, tmp_path):
   with pytest.raises(UserError, match="give the day's --interactions"):
     nightly.run(None, root, DAY2, False)
   assert _tree(root) == before
+
+
+def test_user_and_item_tables_replace_features_and_add_entities(tmp_path):
+  import pyarrow as pa
+  import pyarrow.csv as pa_csv
+  from pipelines import logs
+  config = logs_nightly_config()
+  inter, items_path, raw = write_day_files(tmp_path, DAY1, "csv")
+  users = raw.users
+  # Today's user table: user 0 moved segment, and user "new" has features but no interactions.
+  segment = np.asarray(users["segment"]).astype(object)
+  segment[0] = "moved"
+  pa_csv.write_csv(pa.table({
+      "user_id": np.r_[np.asarray(users["user_id"]).astype(str), ["new"]],
+      "segment": np.r_[segment.astype(str), ["c1"]], "age": np.r_[users["age"], ["a1"]],
+      "account_age": np.r_[users["account_age"], [3.0]]}), str(tmp_path / "users.csv"))
+  cfg = config.data.logs
+  cfg.update(files=(inter,), item_table=items_path, user_table=str(tmp_path / "users.csv"))
+  merged = logs.interaction_logs(cfg)
+  cfg.update(item_table="", user_table="")
+  plain = logs.interaction_logs(cfg)
+  user_ids = np.asarray(merged.users["user_id"])
+  assert len(user_ids) == len(plain.users["user_id"]) + 1 and "new" in user_ids
+  assert merged.users["segment"][list(user_ids).index(str(users["user_id"][0]))] == "moved"
+  # The interactions still point at the same users and items; the item catalog is the table's.
+  np.testing.assert_array_equal(merged.ids("user"), plain.ids("user"))
+  np.testing.assert_array_equal(merged.ids("item"), plain.ids("item"))
+  assert sorted(merged.items["item_id"].tolist()) == sorted(np.asarray(raw.items["item_id"]).astype(str).tolist())
+  assert len(merged.items["item_id"]) > len(plain.items["item_id"])
