@@ -6,7 +6,8 @@ categorical / token-bag feature, int64 timestamps, float32 weights and numbers, 
 every distinct value (an ID, a category, a token bag) is held once, in a dictionary that grows
 with the distinct values. Memory is about 20 bytes per interaction plus 4 per feature, plus the
 distinct values. The user and item tables are built from those codes at the end: one row per
-entity in ascending ID order, its features from its latest interaction.
+entity in ascending ID order, its features from its latest interaction, unless a user or item
+table (data.logs.user_table / item_table) gives them, and the entities without interactions.
 
 Every problem is a DataError naming the file, the column and, for a bad value, its row (1-based,
 the header not counted), found before anything is written.
