@@ -1,6 +1,7 @@
 """Row-sparse embedding updates (optimizer.embeddings="rowwise_adagrad", two_tower/rowsparse.py):
 one step against row-wise Adagrad computed densely, duplicate ids summed, 8 devices against 1,
-restoring onto another mesh, bit-exact resumption, warm-start growth and the config checks."""
+restoring onto another mesh, warm-start growth and the config checks (bit-exact resumption is
+in tests/test_train.py)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,15 @@ import pytest
 from flax import nnx
 
 from configs.base import get_base_config
-from conftest import tiny_config
 from pipelines.schema import Feature, Schema
 from two_tower import config as config_lib
 from two_tower import rowsparse, sharding
 from two_tower.errors import ConfigError
 from two_tower.optim import make_optimizer
 from two_tower.state import create_train_state
-from two_tower.train import batch_loss, train_and_evaluate, train_step
+from two_tower.train import batch_loss, train_step
 from two_tower.trees import named_leaves
 from two_tower.warm_start import grow
-from two_tower.workdir import Workdir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -182,29 +181,6 @@ def test_eight_devices_match_one_and_restore_onto_another_mesh(tmp_path):
     for k in a:
       scale = max(float(np.abs(a[k]).max()), 1e-6)
       assert np.abs(a[k] - b[k]).max() <= 1e-4 * scale, k
-
-
-def test_resumed_run_ends_with_the_same_parameters(tmp_path):
-  config = tiny_config()
-  config.optimizer.embeddings = "rowwise_adagrad"
-  config.train.num_epochs = 1.0  # 29 steps; checkpoints every 10
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train_and_evaluate(config, straight)
-
-  class Crash(Exception):
-    pass
-
-  def crash_at_15(step, state):
-    if step == 15:
-      raise Crash()
-  with pytest.raises(Crash):
-    train_and_evaluate(config, resumed, hooks=[crash_at_15])
-  seen = []
-  train_and_evaluate(config, resumed, hooks=[lambda step, state: seen.append(step)])
-  assert seen[0] == 11
-  a, b = (Workdir(w).load_model(config).params for w in (straight, resumed))
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_warm_start_grows_row_accumulators_like_tables():

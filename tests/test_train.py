@@ -77,10 +77,12 @@ class Crash(Exception):
   pass
 
 
-@pytest.mark.parametrize("logq_estimator", ["static", "streaming"])
-def test_resumed_run_ends_with_the_same_parameters(tmp_path, logq_estimator):
+@pytest.mark.parametrize("logq_estimator,embeddings", [
+    ("static", "dense"), ("streaming", "dense"), ("static", "rowwise_adagrad")])
+def test_resumed_run_ends_with_the_same_parameters(tmp_path, logq_estimator, embeddings):
   config = tiny_config()
   config.train.num_epochs = 1.0  # 29 steps; checkpoints every 10
+  config.optimizer.embeddings = embeddings  # the row accumulators are resumed too
   if logq_estimator == "streaming":  # the item counts are resumed from the checkpoint too
     config.loss.update(logq_correction=True, logq_estimator="streaming", logq_half_life_steps=5.0)
   straight = str(tmp_path / "straight")
