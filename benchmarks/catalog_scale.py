@@ -1,7 +1,7 @@
 """Training examples/s and memory as the catalog grows: dense Adam against row-sparse updates.
 
   python benchmarks/catalog_scale.py [--items=2000,1000000,10000000] [--steps=8] [--warmup=2]
-      [--batch_size=8192]
+      [--batch_size=8192] [--compute_dtype=bfloat16]
 
 The default synthetic config's model (configs/synthetic.py: every user and item feature, 256
 uniform negatives with logQ correction) and its jitted train step (two_tower/train.py, placed on
@@ -60,6 +60,7 @@ def worker(args: argparse.Namespace) -> dict:
   config = synthetic.get_config()
   config.train.batch_size = args.batch_size
   config.optimizer.embeddings = args.embeddings
+  config.model.compute_dtype = args.compute_dtype
   items, users, length = num_items + 2, NUM_USERS + 2, config.data.history_length  # + PAD, OOV
   schema = Schema(
       features=(Feature("user_id", "user", "id", users),
@@ -133,7 +134,7 @@ def worker(args: argparse.Namespace) -> dict:
 def run(items: int, embeddings: str, args: argparse.Namespace) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--items={items}",
          f"--embeddings={embeddings}", f"--steps={args.steps}", f"--warmup={args.warmup}",
-         f"--batch_size={args.batch_size}"]
+         f"--batch_size={args.batch_size}", f"--compute_dtype={args.compute_dtype}"]
   start = time.perf_counter()
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   if proc.returncode:
@@ -152,6 +153,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--warmup", type=int, default=2, help="steps before the clock starts")
   parser.add_argument("--batch_size", type=int, default=8192)
+  parser.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="model.compute_dtype (parameters and optimizer state stay float32)")
   # Worker mode (internal).
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--embeddings", choices=OPTIMIZERS, help=argparse.SUPPRESS)
@@ -187,13 +190,14 @@ def main() -> None:
     ratios["rowwise_vs_dense_at_largest"] = (speed[(largest, "rowwise_adagrad")]
                                              / speed[(largest, "dense")])
   ok = next((r for r in results if "error" not in r), {})
-  print(f"\nsynthetic config's model, batch {args.batch_size}, {args.steps} steps (timed after "
-        f"{args.warmup}), device {ok.get('device')}, {os.cpu_count()} CPU cores; peak: "
+  print(f"\nsynthetic config's model, {args.compute_dtype}, batch {args.batch_size}, {args.steps} "
+        f"steps (timed after {args.warmup}), device {ok.get('device')}, {os.cpu_count()} CPU cores; peak: "
         f"{ok.get('peak_of')}")
   for name, value in ratios.items():
     print(f"{name} (largest: {largest:,} items): {value:.2f}x")
   print(json.dumps(dict(results=results, largest_items=largest, **ratios,
-                        batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)))
+                        batch_size=args.batch_size, compute_dtype=args.compute_dtype,
+                        steps=args.steps, warmup=args.warmup)))
 
 
 if __name__ == "__main__":

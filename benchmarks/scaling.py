@@ -1,6 +1,7 @@
 """Training throughput and per-device memory across device counts, meshes and processes.
 
   python benchmarks/scaling.py [--steps=30] [--batch_size=1024] [--out=scaling.json]
+      [--compute_dtype=bfloat16] [--platform=gpu]
 
 Each layout trains the default synthetic config in a fresh subprocess (the CPU device count is
 fixed when JAX starts): 1, 2, 4 and 8 CPU devices data-parallel, 8 devices with a model axis, and 2
@@ -9,7 +10,9 @@ the first `--warmup` ones (compilation), up to the last step, excluding the fina
 Memory is what one device holds of the parameters and of the optimizer state.
 
 On a CPU host all "devices" share the same cores, so the numbers measure the overhead of sharding
-and collectives, not a speed-up; on TPU and GPU each device brings its own compute.
+and collectives, not a speed-up; on TPU and GPU each device brings its own compute. With
+`--platform=gpu` (or tpu) the layouts run on the host's accelerators instead of forced CPU devices,
+and those needing more devices than the host has are skipped.
 """
 
 from __future__ import annotations
@@ -55,10 +58,11 @@ def worker(args: argparse.Namespace) -> None:
   config.data.data_dir = args.data_dir
   config.train.batch_size = args.batch_size
   config.train.num_steps = args.steps
-  config.train.eval_every_steps = 0
+  config.train.update(eval_every_steps=0, select_by="", early_stopping_evals=0)
   config.train.log_every_steps = args.steps
   config.train.checkpoint_every_steps = args.steps  # only the final one
   config.mesh.update(json.loads(args.mesh))
+  config.model.compute_dtype = args.compute_dtype
   marks: dict[str, float] = {}
   memory: dict[str, int] = {}
 
@@ -77,7 +81,8 @@ def worker(args: argparse.Namespace) -> None:
   if jax.process_index() == 0:
     result = dict(examples_per_s=(args.steps - args.warmup) * args.batch_size / seconds,
                   step_ms=1000 * seconds / (args.steps - args.warmup), mesh=summary["mesh"],
-                  processes=jax.process_count(), devices=jax.device_count(), memory=memory)
+                  processes=jax.process_count(), devices=jax.device_count(), memory=memory,
+                  device_kind=jax.devices()[0].device_kind)
     with open(args.result, "w") as f:
       json.dump(result, f)
 
@@ -88,11 +93,13 @@ def run_layout(name: str, processes: int, devices: int, mesh: dict, args, tmp: s
   result = os.path.join(tmp, f"{slug}.json")
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--workdir={os.path.join(tmp, slug)}",
          f"--data_dir={os.path.join(tmp, 'data')}", f"--result={result}", f"--steps={args.steps}",
-         f"--warmup={args.warmup}", f"--batch_size={args.batch_size}", f"--mesh={json.dumps(mesh)}"]
+         f"--warmup={args.warmup}", f"--batch_size={args.batch_size}", f"--mesh={json.dumps(mesh)}",
+         f"--compute_dtype={args.compute_dtype}"]
   start = time.perf_counter()
   if processes == 1:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS=args.platform)
+    if args.platform == "cpu":
+      env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
       raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -107,6 +114,15 @@ def run_layout(name: str, processes: int, devices: int, mesh: dict, args, tmp: s
     out = json.load(f)
   out.update(name=name, wall_s=time.perf_counter() - start)
   return out
+
+
+def _accelerator_count(platform: str) -> int:
+  if platform == "cpu":
+    return 8  # forced host devices: any layout here
+  out = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count())"],
+                       env=dict(os.environ, JAX_PLATFORMS=platform), capture_output=True, text=True,
+                       check=True)
+  return int(out.stdout.strip().splitlines()[-1])
 
 
 def table(results: list[dict], base: float) -> str:
@@ -132,6 +148,10 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=1024)
   parser.add_argument("--out", default=None, help="also write the results as JSON here")
   parser.add_argument("--only", default=None, help="run only layouts whose name contains this")
+  parser.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="model.compute_dtype (parameters and optimizer state stay float32)")
+  parser.add_argument("--platform", choices=("cpu", "gpu", "tpu"), default="cpu",
+                      help="cpu: forced host devices; gpu/tpu: the host's accelerators, one process")
   # Worker mode (internal).
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   for name in ("workdir", "data_dir", "result", "mesh"):
@@ -142,10 +162,14 @@ def main() -> None:
     return
   if not 0 < args.warmup < args.steps:
     parser.error("need 0 < --warmup < --steps")
+  available = _accelerator_count(args.platform)
   results = []
   with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
     for name, processes, devices, mesh in LAYOUTS:
       if args.only and args.only not in name:
+        continue
+      if args.platform != "cpu" and (processes > 1 or devices > available):
+        print(f"{name:45s} skipped: {available} {args.platform} device(s) on this host", flush=True)
         continue
       r = run_layout(name, processes, devices, mesh, args, tmp)
       print(f"{name:45s} {r['examples_per_s']:10,.0f} examples/s  ({r['wall_s']:.0f} s wall)",
@@ -153,8 +177,9 @@ def main() -> None:
       results.append(r)
   base = next((r["examples_per_s"] for r in results if r["name"] == "1 device"),
               results[0]["examples_per_s"])
-  print(f"\nsynthetic config, global batch {args.batch_size}, {args.steps} steps "
-        f"(timed after {args.warmup}), {os.cpu_count()} CPU cores\n")
+  print(f"\nsynthetic config, {args.compute_dtype}, global batch {args.batch_size}, {args.steps} "
+        f"steps (timed after {args.warmup}), {args.platform}: {results[0]['device_kind']}, "
+        f"{os.cpu_count()} CPU cores\n")
   print(table(results, base))
   if args.out:
     with open(args.out, "w") as f:

@@ -1,6 +1,7 @@
 """Training throughput of the TFRS recipe (configs/movielens_100k_tfrs.py), against TFRS itself.
 
   python benchmarks/train_throughput.py --source_dir=/path/to/ml-100k [--repeats=3]
+      [--compute_dtype=bfloat16]
 
 Trains our reproduction of TFRS's basic retrieval recipe and prints its steady-state examples/s.
 When tensorflow-recommenders is installed (`pip install -e '.[bench]'`), it also runs TFRS's own
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 
+import jax
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,11 +26,14 @@ from two_tower.train import train_and_evaluate  # noqa: E402
 
 _SOURCE_DIR = flags.DEFINE_string("source_dir", None, "GroupLens ml-100k directory.", required=True)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Runs of each side; the median is reported.")
+_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                                   "Our side's model.compute_dtype.")
 
 
 def ours(source_dir: str) -> float:
   config = movielens_100k_tfrs.get_config()
   config.data.source_dir = source_dir
+  config.model.compute_dtype = _COMPUTE_DTYPE.value
   with tempfile.TemporaryDirectory() as workdir:
     return train_and_evaluate(config, workdir)["examples_per_s"]
 
@@ -51,7 +56,8 @@ def main(argv):
   ours_runs = [ours(source_dir) for _ in range(_REPEATS.value)]
   tfrs_runs = [r for r in (tfrs(source_dir) for _ in range(_REPEATS.value)) if r]
   ours_eps = statistics.median(ours_runs)
-  print(f"two_tower (JAX) TFRS recipe: {ours_eps:,.0f} examples/s "
+  print(f"two_tower (JAX) TFRS recipe, {_COMPUTE_DTYPE.value} on {jax.devices()[0].device_kind}: "
+        f"{ours_eps:,.0f} examples/s "
         f"(runs: {', '.join(f'{r:,.0f}' for r in ours_runs)})")
   if not tfrs_runs:
     print("tensorflow-recommenders is not installed: pip install -e '.[bench]' to measure TFRS too")

@@ -167,7 +167,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   x.dims_per_block = 2  # asymmetric hashing: dimensions per 4-bit code
   x.anisotropic_threshold = 0.2  # anisotropic quantization (score-aware loss) threshold
   x.calibrate = True  # raise the auto search settings until the calibration sample meets the floor
-  x.calibration_queries = 500  # real query embeddings used to calibrate (disjoint from validation)
+  # Real query embeddings used to calibrate (disjoint from validation): the larger the sample, the
+  # smaller the statistical margin above the floor (two_tower/calibration.py), so the faster the
+  # settings it finds; its exact top-100 costs about 10 s per 2,000 queries at 1M items on 2 cores.
+  x.calibration_queries = 2000
   x.validation_queries = 1000  # real query embeddings used by the validation gate
   x.min_recall_at_100 = 0.95  # validation gate: refuse to publish below these
   x.min_recall_at_10 = 0.0

@@ -68,6 +68,43 @@ def test_exact_top_k_blocks_match_numpy():
   np.testing.assert_allclose(scores, np.take_along_axis(queries @ items.T, want, 1), rtol=1e-5)
 
 
+
+def test_calibration_picks_the_cheapest_settings_above_a_margin_that_shrinks_with_the_sample():
+  from two_tower import calibration
+  rng = np.random.default_rng(0)
+  centers = rng.standard_normal((50, 16)).astype(np.float32)
+  points = centers[rng.integers(0, 50, 5000)] + rng.standard_normal((5000, 16)).astype(np.float32)
+  items, queries = points[:4000], points[4000:]
+  cfg = get_base_config().index
+  cfg.brute_force_max_items = 0
+  rule, auto = search.choose_settings(len(items), cfg)  # 63 leaves, 8 searched
+  searcher = search.build_searcher(items, rule)
+  floors = {"recall@10": 0.95, "recall@100": 0.0}
+
+  def chosen_trial(num_queries):
+    q = queries[:num_queries]
+    exact, _ = search.exact_top_k(q, items, search.GATE_K)
+    chosen, trials = calibration.calibrate(searcher, rule, auto, q, items, exact, floors, 1000)
+    trial = next(t for t in reversed(trials)
+                 if (t["leaves_to_search"], t["reorder_multiplier"])
+                 == (chosen.leaves_to_search, chosen.reorder_multiplier))
+    return chosen, trials, trial
+
+  small_chosen, _, small = chosen_trial(50)
+  chosen, trials, trial = chosen_trial(1000)
+  # The chosen settings clear the floor by their margin on the calibration sample: two standard
+  # errors of the difference between the calibration and validation means.
+  expected = 2.0 * trial["recall@10_std"] * np.sqrt(1 / 1000 + 1 / 1000)
+  assert trial["recall@10_margin"] == pytest.approx(expected) and trial["recall@10_margin"] > 0
+  assert trial["recall@10"] >= 0.95 + trial["recall@10_margin"]
+  # The cheapest: with one leaf fewer on the ladder (at the deepest re-ordering), it fails.
+  fewer = [t for t in trials if t["leaves_to_search"] < chosen.leaves_to_search]
+  assert fewer and all(t["recall@10"] < 0.95 + t["recall@10_margin"] for t in fewer)
+  # 50 queries prove less than 1,000: a wider margin, so at least as many leaves searched.
+  assert small["recall@10_margin"] > 2 * trial["recall@10_margin"]
+  assert small_chosen.leaves_to_search >= chosen.leaves_to_search
+
+
 # ----------------------------------------------------------------------------- build + publish
 
 

@@ -606,44 +606,47 @@ def test_rerunning_a_finished_day_does_nothing_and_earlier_dates_are_refused(aft
     nightly_jobs.run_day(root, "2026-01-03", config)
 
 
-def test_crash_in_training_then_rerun_applies_the_day_once(after_day1, after_day2, tmp_path):
+def test_a_crash_in_every_stage_then_reruns_finish_the_day_once(after_day1, after_day2, tmp_path):
+  """Killed at the start of every stage and inside those with steps of their own (training after a
+  checkpoint, the index after its searcher is trained, the candidates after a shard), then rerun:
+  each rerun goes on from where the last one stopped, nothing is live before the day is, and the
+  day ends exactly as an uninterrupted run's, its data applied once."""
   from launch import nightly_jobs
+  from two_tower import index_store
   root = _copy(after_day1, tmp_path / "w")
-  first_step = _summary(after_day1, DAY1)["model_step"]
-  crash_step = first_step + 6  # after the day's checkpoint at a multiple of 4 (checkpoint_every_steps)
+  crash_step = _summary(after_day1, DAY1)["model_step"] + 6  # past the day's checkpoint at step +4
+  points = ["prepare", "train", f"train:{crash_step}", "evaluate", "gate", "index", "trained",
+            "candidates", "shard:1", "publish"]
+  for point in points:
+    with pytest.raises(Crash):
+      nightly_jobs.run_day(root, DAY2, hook=crash_at(point), log=lambda m: None)
+    with open(os.path.join(root, "LIVE.json")) as f:
+      assert json.load(f)["date"] == DAY1, point  # nothing published yet
+    assert not os.path.exists(os.path.join(root, "days", DAY2, "summary.json")), point
+  # Killed after publishing, before the summary: live, but the day is not finished yet.
   with pytest.raises(Crash):
-    nightly_jobs.run_day(root, DAY2, hook=crash_at(f"train:{crash_step}"))
+    nightly_jobs.run_day(root, DAY2, hook=crash_at("summary"), log=lambda m: None)
   with open(os.path.join(root, "LIVE.json")) as f:
-    assert json.load(f)["date"] == DAY1  # nothing published
-  # The rerun resumes from the day's own checkpoint: the day's data is applied exactly once, so
-  # the model is bit for bit the one of an uninterrupted run.
-  summary = nightly_jobs.run_day(root, DAY2)
+    live = json.load(f)
+  assert live["date"] == DAY2
+  assert not os.path.exists(os.path.join(root, "days", DAY2, "summary.json"))
+
+  summary = nightly_jobs.run_day(root, DAY2, log=lambda m: None)
   expected = _summary(after_day2, DAY2)
+  # Still warm-started from day 1 (the day's parent is fixed when it starts), and the same model:
+  # training resumed from the day's own checkpoint, so no example was applied twice.
+  assert summary["published"] and summary["parent"] == expected["parent"].replace(after_day2, root)
   assert summary["model_step"] == expected["model_step"]
   assert summary["metrics"] == expected["metrics"]
+  assert summary["live_metrics"] == expected["live_metrics"]
   a, b = _final_params(root, DAY2), _final_params(after_day2, DAY2)
   for name in a:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-
-
-def test_crash_around_publishing_then_rerun_finishes_the_day(after_day1, after_day2, tmp_path):
-  from launch import nightly_jobs
-  root = _copy(after_day1, tmp_path / "w")
-  with pytest.raises(Crash):
-    nightly_jobs.run_day(root, DAY2, hook=crash_at("publish"))
-  with open(os.path.join(root, "LIVE.json")) as f:
-    assert json.load(f)["date"] == DAY1  # index and candidates built, not yet live
-  with pytest.raises(Crash):  # now past publishing, before the summary
-    nightly_jobs.run_day(root, DAY2, hook=crash_at("summary"))
-  with open(os.path.join(root, "LIVE.json")) as f:
-    assert json.load(f)["date"] == DAY2
-  assert not os.path.exists(os.path.join(root, "days", DAY2, "summary.json"))
-  summary = nightly_jobs.run_day(root, DAY2)
-  expected = _summary(after_day2, DAY2)
-  # Still warm-started from day 1 (the day's parent is fixed when it starts), same model.
-  assert summary["parent"] == expected["parent"].replace(after_day2, root)
-  assert summary["metrics"] == expected["metrics"] and summary["published"]
-  assert summary["index_version"] == "v000001"  # the index was built once
+  # The index killed after training its searcher left an incomplete version that never went live;
+  # the live one is complete, and the candidates were written once per user.
+  assert index_store.open_live(os.path.join(root, "days", DAY2, "index")).version == \
+      summary["index_version"]
+  assert summary["candidates"]["counts"] == expected["candidates"]["counts"]
 
 
 def test_gate_failure_publishes_nothing_until_forced(after_day1, tmp_path):

@@ -73,7 +73,8 @@ def build_version(store: IndexStore, version: str, *, item_ids: np.ndarray, num_
     k = min(GATE_K, len(items))
     if cfg.calibrate:
       cal_exact, _ = exact_top_k(cal_q, items, k)
-      settings, trials = calibrate(searcher, settings, auto, cal_q, items, cal_exact, gate)
+      settings, trials = calibrate(searcher, settings, auto, cal_q, items, cal_exact, gate,
+                                   len(val_q))
     else:
       trials = []
     val_exact, _ = exact_top_k(val_q, items, k)

@@ -205,15 +205,21 @@ def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int, *, item_block: i
   return np.concatenate(out_scores), np.concatenate(out_rows)
 
 
-def recall(rows: np.ndarray, queries: np.ndarray, items: np.ndarray, exact_scores: np.ndarray,
-           k: int) -> float:
-  """Tie-aware recall@k: the share of the first k returned items whose exact score reaches the
-  k-th best exact score (items tied with the k-th are equally correct answers)."""
+def recall_per_query(rows: np.ndarray, queries: np.ndarray, items: np.ndarray,
+                     exact_scores: np.ndarray, k: int) -> np.ndarray:
+  """Tie-aware recall@k of each query: the share of the first k returned items whose exact score
+  reaches the k-th best exact score (items tied with the k-th are equally correct answers)."""
   k = min(k, exact_scores.shape[1])
   rows = rows[:, :k]
   valid = rows >= 0
   got = np.einsum("bd,bkd->bk", queries, np.asarray(items)[np.where(valid, rows, 0)])
   kth = exact_scores[:, k - 1:k]
   tol = 1e-5 * np.maximum(1.0, np.abs(kth))
-  hits = valid & (got >= kth - tol)
-  return float(hits.sum() / (len(rows) * k)) if len(rows) else 1.0
+  return (valid & (got >= kth - tol)).mean(1)
+
+
+def recall(rows: np.ndarray, queries: np.ndarray, items: np.ndarray, exact_scores: np.ndarray,
+           k: int) -> float:
+  """Tie-aware recall@k over all queries (see `recall_per_query`)."""
+  per_query = recall_per_query(rows, queries, items, exact_scores, k)
+  return float(per_query.mean()) if len(per_query) else 1.0
