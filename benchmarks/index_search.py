@@ -314,12 +314,12 @@ def run_scann(bench: Bench, threads: int, cal_q: np.ndarray) -> tuple[list[Metho
 # ----------------------------------------------------------------------------- peers
 
 
-def run_faiss(bench: Bench, threads: int, args) -> list[Method]:
+def run_faiss_ivf(bench: Bench, threads: int, args) -> list[Method]:
+  del args
   import faiss  # pylint: disable=g-import-not-at-top
   faiss.omp_set_num_threads(threads)
   items = bench.items
   n, dim = items.shape
-  out = []
 
   nlist = max(1, round(math.sqrt(n)))
   key = f"IVF{nlist},PQ{dim // 2}x4fsr,RFlat"
@@ -336,10 +336,15 @@ def run_faiss(bench: Bench, threads: int, args) -> list[Method]:
       probe = min(nprobe, nlist)
       bench.point(method, f"nprobe={probe} k_factor={k_factor}",
                   lambda q, p=probe, f=k_factor, ix=index: faiss_ivf_search(ivf, ix, q, p, f))
-  out.append(method)
   print(f"FAISS {key}: built in {seconds:.1f}s", flush=True)
+  return [method]
 
-  index = faiss.IndexHNSWFlat(dim, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+
+def run_faiss_hnsw(bench: Bench, threads: int, args) -> list[Method]:
+  import faiss  # pylint: disable=g-import-not-at-top
+  faiss.omp_set_num_threads(threads)
+  items = bench.items
+  index = faiss.IndexHNSWFlat(items.shape[1], args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
   index.hnsw.efConstruction = args.ef_construction
   start = time.perf_counter()
   index.add(items)
@@ -348,9 +353,8 @@ def run_faiss(bench: Bench, threads: int, args) -> list[Method]:
                   note=f"M={args.hnsw_m} efConstruction={args.ef_construction}")
   for ef in EF_SEARCH:
     bench.point(method, f"efSearch={ef}", lambda q, ef=ef, ix=index: faiss_hnsw_search(ix, q, ef))
-  out.append(method)
   print(f"FAISS HNSW: built in {seconds:.1f}s", flush=True)
-  return out
+  return [method]
 
 
 EF_SEARCH = (10, 16, 24, 32, 48, 64, 96, 128, 192)
@@ -397,6 +401,9 @@ def run_hnswlib(bench: Bench, threads: int, args) -> list[Method]:
                 lambda q, ef=max(ef, K): hnswlib_search(index, q, ef, threads))
   print(f"hnswlib: built in {seconds:.1f}s", flush=True)
   return [method]
+
+
+PEERS = {"faiss_ivf": run_faiss_ivf, "faiss_hnsw": run_faiss_hnsw, "hnswlib": run_hnswlib}
 
 
 # ----------------------------------------------------------------------------- report
@@ -453,12 +460,18 @@ def main() -> None:
   parser.add_argument("--distribution", choices=("trained", "gaussian"), default="trained")
   parser.add_argument("--threads", type=int, default=0,
                       help="search (and build) threads of every library; 0: all cores")
-  parser.add_argument("--peers", default="faiss,hnswlib", help="peers to run when installed; '' none")
+  parser.add_argument("--peers", default="faiss_ivf,faiss_hnsw,hnswlib",
+                      help="peers to run when installed, of faiss_ivf, faiss_hnsw, hnswlib; '' none "
+                      "(the HNSW builds take most of the time at 10M items)")
   parser.add_argument("--hnsw_m", type=int, default=16, help="HNSW graph degree (FAISS, hnswlib)")
   parser.add_argument("--ef_construction", type=int, default=100, help="HNSW build beam")
   parser.add_argument("--plot", default="", help="write the recall/queries-per-second plot here (PNG)")
   args = parser.parse_args()
   threads = args.threads or os.cpu_count() or 1
+  peers = list(filter(None, args.peers.split(",")))
+  unknown = [name for name in peers if name not in PEERS]
+  if unknown:
+    parser.error(f"--peers: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)}")
 
   cfg = get_base_config().index
   n_cal = cfg.calibration_queries
@@ -481,14 +494,13 @@ def main() -> None:
   bench = Bench(items, queries, min(args.recall_queries, len(queries)))
 
   methods, extra = run_scann(bench, threads, cal_q)
-  runners = {"faiss": run_faiss, "hnswlib": run_hnswlib}
   skipped = []
-  for name in filter(None, args.peers.split(",")):
-    if importlib.util.find_spec(name) is None:
+  for name in peers:
+    if importlib.util.find_spec(name.split("_")[0]) is None:
       skipped.append(name)
       print(f"skipping {name}: not installed (pip install -e '.[peers]')", flush=True)
       continue
-    methods += runners[name](bench, threads, args)
+    methods += PEERS[name](bench, threads, args)
 
   print_tables(methods)
   by_name = {m.name: m for m in methods}
