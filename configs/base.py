@@ -56,6 +56,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       # replace those of the interactions, and an entity without interactions (a new item) is in
       # the catalog with its features. "": the entities of the interactions only.
       user_table="", item_table="",
+      # Every file holding no rows is a day without interactions (the nightly job sets this):
+      # a catalog from user_table / item_table and empty splits. Otherwise an empty file is refused.
+      allow_empty=False,
   ))
   d.split = ml_collections.ConfigDict(dict(
       # random | per_user_ratio | temporal_last_n | temporal_global | predefined (given by the
@@ -69,6 +72,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.min_count = 1
   d.max_bag_length = 16
   d.weight_column = ""  # an interaction column to use as per-example weight, e.g. "rating"
+  # Training weights times (the user's number of training interactions) ** -exponent: 0 weighs
+  # every interaction alike; 1 gives every user the same total weight, as per-user metrics
+  # (recall@K, NDCG@K averaged over users) do, like LightGCN's user-first sampler.
+  d.user_weight_exponent = 0.0
   # An ID registry file (two_tower/registry.py) whose rows IDs and feature tokens take instead of
   # vocabularies of this data alone; set by python -m launch.nightly for each day. "": none.
   d.id_registry = ""

@@ -77,8 +77,10 @@ def _broadcast_version(name: str | None) -> str:
 
 
 def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *,
-                hook: Hook = _no_hook) -> dict:
+                hook: Hook = _no_hook, queries_from: str | None = None) -> dict:
   """Builds, validates and publishes a new index version of the model; returns its manifest.
+  `queries_from`: another work directory whose model and users give the calibration and
+  validation queries (the nightly job's day without users carries its parent's model).
 
   Raises IndexValidationError (nothing published, the previous version stays live) below the
   recall floors of config.index."""
@@ -89,6 +91,10 @@ def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *
   num_items = model.schema.num_items
   choose_settings(num_items, cfg)  # fail on bad settings before any work
   embedder, params = _local_embedder(model, cfg.embed_batch_size)
+  query_model, query_embedder, query_params = model, embedder, params
+  if queries_from is not None:
+    query_model = Workdir(queries_from).load_model()
+    query_embedder, query_params = _local_embedder(query_model, cfg.embed_batch_size)
   item_ids = np.asarray(model.data.table("item", "raw_id"))
 
   store = IndexStore(wd.path("index"))
@@ -114,8 +120,8 @@ def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *
   if jax.process_index() == 0:
     try:
       manifest = index_lib.build_version(
-          store, version, item_ids=item_ids, num_users=model.schema.num_users,
-          embed_queries=lambda users: embedder.embed(params, "query", users), cfg=cfg,
+          store, version, item_ids=item_ids, num_users=query_model.schema.num_users,
+          embed_queries=lambda users: query_embedder.embed(query_params, "query", users), cfg=cfg,
           step=model.step, data_path=model.data.path, embed_seconds=embed_seconds, hook=hook,
           log=reporter.write)
     except BaseException as e:  # reported to the other processes, then raised here

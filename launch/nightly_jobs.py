@@ -48,7 +48,7 @@ from two_tower import warm_start as warm_lib
 from two_tower.errors import UserError
 from two_tower.evaluation import Evaluator
 from two_tower.state import init_params
-from two_tower.train import WarmStart, train_and_evaluate
+from two_tower.train import WarmStart, carry_over, train_and_evaluate
 from two_tower.workdir import RUNTIME_KEYS, Workdir
 
 Hook = Callable[[str], None]  # called with a stage name (and train steps); tests simulate crashes
@@ -140,6 +140,8 @@ def day_config(config: ml_collections.ConfigDict, day_dir: str, date: str
   elif config.data.source != "logs":
     raise NightlyError("the nightly job reads the synthetic world by day or each day's files "
                        f"(data.source='synthetic' or 'logs'), not data.source={config.data.source!r}")
+  if config.data.source == "logs":
+    config.data.logs.allow_empty = True  # a day without interactions still refreshes the catalog
   config.data.id_registry = os.path.join(day_dir, REGISTRY)
   config.data.data_dir = ""  # each day's data inside its own directory
   return config
@@ -267,6 +269,9 @@ class _Day:
     data = self.workdir.prepare_data(self.config)
     item_rows = np.asarray(data.table("item", "item_id"))
     return {
+        # No interactions: nothing to train or evaluate; the live model is carried onto today's
+        # catalog, whose index is rebuilt only if the catalog changed.
+        "empty_day": sum(data.schema.split_sizes.values()) == 0,
         "num_users": data.schema.num_users, "num_items": data.schema.num_items,
         "new_users": int(len(changes["user_id"].added)),
         "new_items": int(len(changes["item_id"].added)),
@@ -280,6 +285,10 @@ class _Day:
 
   def train(self) -> dict:
     warm = None
+    if self.progress["empty_day"] and not self.parent:
+      raise NightlyError(f"{self.date} is the first day of {self.life.root} and has no "
+                         "interactions: there is nothing to train a first model on. Start with "
+                         "a day that has interactions.")
     if self.parent:
       parent_schema = self.parent_data().schema
       parent_ckpt = Workdir(self.parent_dir).checkpointer()
@@ -290,6 +299,9 @@ class _Day:
             parent_ckpt, self.parent["step"], parent_schema, setup.state, setup.state_sharding,
             setup.config, setup.tx, setup.mesh, carried, tables)
       warm = WarmStart(step=self.parent["step"], initial_state=initial_state)
+    if self.progress["empty_day"]:
+      summary = carry_over(self.config, self.dir, warm)
+      return {"model_step": summary["steps"], "checkpoint": summary["checkpoint"], "replayed": {}}
     replayed, counts = self.replayed()
     summary = train_and_evaluate(self.config, self.dir, warm_start=warm, replayed=replayed,
                                  hooks=[lambda step, state: self.hook(f"train:{step}")])
@@ -308,7 +320,7 @@ class _Day:
     today_registry = registry_lib.Registry.load(os.path.join(self.dir, REGISTRY))
     parts, counts = [], {}
     for date in self.life.finished():
-      if not first <= date < self.date:
+      if not first <= date < self.date or self.life.summary(date).get("empty_day"):
         continue
       day_dir = self.life.day_dir(date)
       earlier = Workdir(day_dir)
@@ -321,6 +333,8 @@ class _Day:
     return (replay_lib.concat(parts) if parts else None), counts
 
   def evaluate(self) -> dict:
+    if self.progress["empty_day"]:  # no holdout to score either model on
+      return {"metrics": None, "live_metrics": None, "oracle_metrics": None}
     metrics = jobs.evaluate(self.dir, config=self.config)
     live_metrics = None
     if self.parent:
@@ -343,18 +357,58 @@ class _Day:
 
   def gate(self) -> dict:
     cfg = self.config.gate
+    if self.progress["metrics"] is None:  # an empty day: the model is the live one, carried
+      return {"gate": {"metric": cfg.metric, "new": None, "live": None,
+                       "max_regression": cfg.max_regression, "passed": True,
+                       "skipped": "no interactions: the live model is carried over"}}
     new = self.progress["metrics"][cfg.metric]
     live = (self.progress["live_metrics"] or {}).get(cfg.metric)
     passed = live is None or new >= live * (1.0 - cfg.max_regression)
     return {"gate": {"metric": cfg.metric, "new": new, "live": live,
                      "max_regression": cfg.max_regression, "passed": bool(passed)}}
 
+  def catalog_changed(self) -> bool:
+    """Whether today's item catalog (IDs, their rows and features) differs from the live day's.
+    A day whose catalog is empty (no interactions, no item table) changes nothing."""
+    today, parent = self.workdir.prepare_data(self.config), self.parent_data()
+    if today.schema.num_items == 0:
+      return False
+    names = lambda d: sorted(f for f in os.listdir(os.path.join(d.path, "tables"))
+                             if f.startswith("item.") and f != "item.sampling_prob.npy")
+    if names(today) != names(parent):
+      return True
+    return any(not np.array_equal(np.load(os.path.join(today.path, "tables", f)),
+                                  np.load(os.path.join(parent.path, "tables", f)))
+               for f in names(today))
+
+  def query_day_dir(self) -> str | None:
+    """None, or for a day without users (no interactions, no user table): the latest earlier day
+    with users, whose queries today's carried model gives as that day's model did (an empty day
+    changes no parameter of a user it knew), for the index's calibration and validation."""
+    if self.workdir.prepare_data(self.config).schema.num_users:
+      return None
+    date = self.parent["date"]
+    while (summary := self.life.summary(date))["num_users"] == 0:
+      date = summary["parent_date"]
+    return self.life.day_dir(date)
+
   def index(self) -> dict:
-    manifest = jobs.build_index(self.dir, self.config, hook=self.hook)
+    if self.progress["empty_day"] and not self.catalog_changed():
+      # The live index serves today's catalog unchanged.
+      return {"index_version": os.path.basename(self.parent["index"]),
+              "index_path": self.parent["index"], "index": self.life.summary(self.parent["date"])["index"]}
+    manifest = jobs.build_index(self.dir, self.config, hook=self.hook,
+                                queries_from=self.query_day_dir())
     return {"index_version": manifest["version"],
             "index": {k: manifest.get(k) for k in ("validation", "num_items", "model_step")}}
 
   def candidates(self) -> dict:
+    if self.progress["empty_day"]:
+      # No user acted today: their candidates stay yesterday's (the refreshed index serves
+      # online queries); tomorrow's candidates include today's new items.
+      carried = self.life.summary(self.parent["date"])["candidates"]
+      return {"candidates": {**carried, "carried_from": carried.get("carried_from",
+                                                                     self.parent["date"])}}
     output = os.path.join(self.dir, "candidates")
     success = jobs.generate_candidates(self.dir, output, config=self.config, hook=self.hook)
     # The share of candidate rows that are today's cold items (no row of their own yet).
@@ -370,7 +424,8 @@ class _Day:
   def publish(self) -> dict:
     live = {"date": self.date, "step": self.progress["model_step"],
             "checkpoint": self.progress["checkpoint"],
-            "index": os.path.join(self.dir, "index", self.progress["index_version"]),
+            "index": self.progress.get("index_path") or os.path.join(
+                self.dir, "index", self.progress["index_version"]),
             "candidates": self.progress["candidates"]["path"]}
     atomic.write_json(self.life.path("LIVE.json"), live)
     return {"published": True}
@@ -381,6 +436,7 @@ class _Day:
     p = self.progress
     summary = {
         "date": self.date, "published": published, "forced": bool(p.get("forced", False)),
+        "empty_day": bool(p.get("empty_day", False)),
         "parent": self.parent["checkpoint"] if self.parent else None,
         "parent_date": self.parent["date"] if self.parent else None,
         "model_step": p.get("model_step"), "num_users": p.get("num_users"),

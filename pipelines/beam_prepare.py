@@ -73,6 +73,7 @@ def check_supported(cfg: ml_collections.ConfigDict) -> None:
         "process): change the split or run without --beam_runner")
   unsupported = [key for key, on in (("data.id_registry", cfg.get("id_registry")),
                                      ("data.weight_column", cfg.weight_column),
+                                     ("data.logs.allow_empty", cfg.logs.get("allow_empty")),
                                      ("data.logs.validation_from_train",
                                       cfg.logs.get("validation_from_train"))) if on]
   if unsupported:
@@ -266,7 +267,7 @@ def _rows(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def user_examples(item: tuple[int, Any], catalog: dict, file_offsets: dict[int, int], split_cfg,
-                  mode: str):
+                  mode: str, user_weight_exponent: float):
   """One bucket of whole users → its examples per split (blocks with their TFDS key), its users'
   latest histories and its evaluation pairs, with the in-process functions on local arrays."""
   _, blocks = item
@@ -282,7 +283,11 @@ def user_examples(item: tuple[int, Any], catalog: dict, file_offsets: dict[int, 
       schema.history_length)
   prep = prepare_lib._Prepared(
       schema=schema, tables={"user.history": history}, user=user, item=item_rows,
-      timestamp=block["timestamp"], weight=block["weight"], split=split, train_order=order,
+      timestamp=block["timestamp"],
+      # A bucket holds its users whole, so their training counts are complete here.
+      weight=prepare_lib.balance_users(block["weight"], user, split == splits.TRAIN,
+                                       user_weight_exponent),
+      split=split, train_order=order,
       train_user_start=user_start, train_position=position, item_id_index=item_id_index)
   file_index = block["position"] >> _POSITION_BITS
   offsets = np.array([file_offsets[f] for f in range(int(file_index.max()) + 1)], np.int64)
@@ -458,7 +463,7 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: ml_collections.ConfigDict, path
                  beam.pvalue.AsList(summary.counts)))
   examples = groups | "Examples" >> beam.FlatMap(
       user_examples, beam.pvalue.AsSingleton(catalog), beam.pvalue.AsSingleton(file_rows),
-      cfg.split, mode).with_outputs("histories", "pairs", main="examples")
+      cfg.split, mode, cfg.get("user_weight_exponent", 0.0)).with_outputs("histories", "pairs", main="examples")
   sizes = (examples.examples
            | "Sizes" >> beam.Map(_size)
            | "SumSizes" >> beam.CombinePerKey(lambda values: np.sum(list(values), axis=0)))

@@ -380,6 +380,7 @@ def interaction_logs(cfg, base_dir: str = "") -> RawData:
   def add(key: str, value: np.ndarray) -> None:
     cols.setdefault(key, []).append(value)
 
+  empty = []  # files with a header but no rows
   if fmt == "adjacency":
     for path, file_split in files:
       user, item = _read_adjacency(path)
@@ -420,8 +421,19 @@ def interaction_logs(cfg, base_dir: str = "") -> RawData:
           add("split", np.full(batch.num_rows, file_split, np.int8))
         num_rows += batch.num_rows
       if num_rows == 0:
-        raise DataError(f"input file {path} has a header but no rows: it holds no interactions; "
-                        "remove it from data.logs.files or regenerate it")
+        empty.append(path)
+  if empty and (len(empty) < len(files) or not cfg.get("allow_empty", False)):
+    raise DataError(f"input file {empty[0]} has a header but no rows: it holds no interactions; "
+                    "remove it from data.logs.files or regenerate it")
+  if empty:  # every file is empty: a day with no interactions, its catalog from the tables
+    for key, dtype in (("user", np.int32), ("item", np.int32), ("timestamp", np.int64),
+                       ("weight", np.float32)):
+      add(key, np.zeros(0, dtype))
+    if split_column or any(file_split is not None for _, file_split in files):
+      add("split", np.zeros(0, np.int8))
+    for side in ("user", "item"):
+      for kind, name in declared[side]:
+        add(name, np.zeros(0, np.float64 if kind == "numeric" else np.int32))
 
   user, user_ids = _sorted_codes(np.concatenate(cols.pop("user")), ids["user"])
   item, item_ids = _sorted_codes(np.concatenate(cols.pop("item")), ids["item"])
@@ -442,7 +454,7 @@ def interaction_logs(cfg, base_dir: str = "") -> RawData:
                  ) -> tuple[dict[str, Any], np.ndarray]:
     # One row per entity, in ID order; its features come from its latest interaction row.
     order = splits.order_by(codes, timestamps)
-    last = np.r_[codes[order][1:] != codes[order][:-1], True]
+    last = np.r_[codes[order][1:] != codes[order][:-1], True][:len(order)]
     rows = order[last]
     row_of_code = np.full(len(id_values), -1, np.int32)
     row_of_code[codes[rows]] = np.arange(len(rows), dtype=np.int32)

@@ -45,7 +45,8 @@ VERSION = "1.0.0"
 # The parts of config.data that change the prepared data (the rest only changes how it is read).
 _BUILD_KEYS = ("source", "source_dir", "synthetic", "logs", "split", "history_length",
                "training_history",
-               "num_oov_buckets", "min_count", "max_bag_length", "weight_column", "id_registry")
+               "num_oov_buckets", "min_count", "max_bag_length", "weight_column", "user_weight_exponent",
+               "id_registry")
 
 
 def example_features(history_length: int) -> tfds.features.FeaturesDict:
@@ -177,7 +178,8 @@ def catalog_tables(users: dict[str, Any], items: dict[str, Any], raw_features, u
       table, sizes = _feature_table(raw_table[f.name], in_train, f.kind, cfg, f.name, registry)
       tables[f"{side}.{f.name}"] = table
       features.append(Feature(f.name, side, f.kind, **sizes))
-  tables["item.sampling_prob"] = (item_train_counts / item_train_counts.sum()).astype(np.float32)
+  tables["item.sampling_prob"] = (item_train_counts / max(item_train_counts.sum(), 1)
+                                  ).astype(np.float32)  # all 0 on a day without interactions
   features.append(Feature("history", "user", "history",
                           vocab_size=next(f.vocab_size for f in features if f.name == "item_id"),
                           length=cfg.history_length))
@@ -207,6 +209,21 @@ def history_order(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, tra
   return train_order, train_user_start, train_position, user_history
 
 
+def balance_users(weight: np.ndarray, user: np.ndarray, train: np.ndarray,
+                  exponent: float) -> np.ndarray:
+  """`weight` with each training interaction's weight times its user's number of training
+  interactions ** -exponent (config.data.user_weight_exponent). Only the relative weights matter
+  to the default weighted-mean loss; with loss.reduction="sum" this also scales the loss."""
+  if exponent < 0:
+    raise ConfigError(f"data.user_weight_exponent must be >= 0, got {exponent}")
+  if not exponent:
+    return weight
+  counts = np.bincount(user[train]).astype(np.float64)
+  weight = weight.copy()
+  weight[train] *= (counts[user[train]] ** -exponent).astype(np.float32)
+  return weight
+
+
 def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict,
                    registry: Registry | None = None) -> _Prepared:
   """Everything except writing: split, vocabularies, tables and history order. With an ID
@@ -227,8 +244,11 @@ def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict,
     weight = np.asarray(inter[cfg.weight_column], np.float32)
   split = splits.assign(user, timestamp, cfg.split, given=inter.get("split"))
   train = split == splits.TRAIN
-  if not train.any():
+  if not len(user) and not (cfg.source == "logs" and cfg.logs.get("allow_empty", False)):
+    raise DataError("the source holds no interactions: check the input files or the source config")
+  if len(user) and not train.any():
     raise DataError("the split left no training interactions: check data.split")
+  weight = balance_users(weight, user, train, cfg.get("user_weight_exponent", 0.0))
   num_users, num_items = len(raw.users["user_id"]), len(raw.items["item_id"])
   user_in_train = np.bincount(user[train], minlength=num_users) > 0
   item_train_counts = np.bincount(item[train], minlength=num_items)

@@ -40,11 +40,6 @@ class RawData:
   items: dict[str, Any]  # item_id (unique) + one column per item feature
   features: tuple[RawFeature, ...]
 
-  def __post_init__(self):
-    n = len(self.interactions["timestamp"])
-    if n == 0:
-      raise DataError("the source holds no interactions: check the input files or the source config")
-
   def ids(self, side: Side) -> np.ndarray:
     """The user or item ID of every interaction."""
     if f"{side}_row" in self.interactions:

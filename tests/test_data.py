@@ -156,6 +156,27 @@ def test_interaction_logs_prepare_to_array_record(tmp_path, fmt):
   assert prepare(_logs_data_cfg(_write_logs(tmp_path, fmt), fmt), str(tmp_path / "data")).path == data.path
 
 
+def test_user_weight_exponent_gives_every_user_the_same_training_weight(tmp_path):
+  cfg = _logs_data_cfg(_write_logs(tmp_path, "csv"), "csv")
+  plain = prepare(cfg, str(tmp_path / "data"))
+  cfg.user_weight_exponent = 1.0
+  balanced = prepare(cfg, str(tmp_path / "data"))
+  assert balanced.path != plain.path  # a different build, not a reuse of the unweighted one
+  per_user = {}
+  for data in (plain, balanced):
+    split = loader.open_split(data.record_source("train"), data.schema.history_length, "never")
+    batch = split.gather(np.arange(len(split)))
+    per_user[data.path] = np.bincount(batch["user_index"], weights=batch["weight"])
+    counts = np.bincount(batch["user_index"])
+  totals = per_user[balanced.path][counts > 0]
+  assert counts.max() > 2 * counts[counts > 0].min()  # users of very different activity
+  np.testing.assert_allclose(totals, 1.0, rtol=1e-6)  # each user weighs 1 in all
+  np.testing.assert_array_equal(per_user[plain.path], counts)  # unbalanced: one per interaction
+  for split_name in ("validation", "test"):  # evaluation examples keep their weights
+    split = loader.open_split(balanced.record_source(split_name), 4, "never")
+    assert (split.gather(np.arange(len(split)))["weight"] == 1).all()
+
+
 def _assert_no_build(data_dir):
   leftovers = [os.path.join(r, f) for r, _, fs in os.walk(data_dir) for f in fs
                if f.endswith(".json") or "array_record" in f]

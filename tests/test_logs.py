@@ -170,12 +170,16 @@ def test_wrong_type_in_one_file_names_file_column_and_row(tmp_path, existing_bui
 
 
 @pytest.mark.parametrize("content", ["", "uid,iid,ts,country,tags,price\n"])
-def test_empty_file_among_valid_ones_is_refused(tmp_path, existing_build, content):
+@pytest.mark.parametrize("allow_empty", [False, True])
+def test_empty_file_among_valid_ones_is_refused(tmp_path, existing_build, content, allow_empty):
+  # Even where a day may hold no interactions at all (the nightly job), one empty file among
+  # others is a failed export, not an empty day.
   a, b = _files(tmp_path, "csv")
   empty = tmp_path / "empty.csv"
   empty.write_text(content)
-  _refused(tmp_path, existing_build, _cfg([a, str(empty), b], "csv"),
-           rf"input file {empty} (is empty|has a header but no rows)")
+  cfg = _cfg([a, str(empty), b], "csv")
+  cfg.logs.allow_empty = allow_empty
+  _refused(tmp_path, existing_build, cfg, rf"input file {empty} (is empty|has a header but no rows)")
 
 
 @pytest.mark.parametrize("minor", ["small_ints", "huge_ints", "floats"])

@@ -509,7 +509,7 @@ def test_nightly_replay_trains_on_the_day_and_the_sample(after_day1, tmp_path):
 
 # ----------------------------------------------------------------------------- the nightly job
 
-DAY1, DAY2 = "2026-01-01", "2026-01-02"
+DAY1, DAY2, DAY3, DAY4, DAY5 = (f"2026-01-0{d}" for d in range(1, 6))
 
 
 class Crash(Exception):
@@ -773,6 +773,65 @@ def test_day_files_grow_the_registry_and_index_new_items(logs_days):
   before = registry_lib.Registry.load(os.path.join(after_day1, "days", DAY1, "registry.npz"))
   kept = np.intersect1d(before.vocab("item_id").ids, registry.vocab("item_id").ids)
   assert len(kept) > 0 and len(registry.vocab("item_id").ids) > len(before.vocab("item_id").ids)
+
+
+def test_a_day_without_interactions_trains_nothing_and_refreshes_a_changed_catalog(logs_days,
+                                                                                  tmp_path):
+  import pyarrow.parquet as pq
+  from launch import nightly
+  _, after_day2, _, inputs = logs_days
+  root = _copy(after_day2, tmp_path / "w")
+  no_rows = str(tmp_path / "no-interactions.parquet")
+  pq.write_table(pq.read_table(os.path.join(inputs, f"interactions-{DAY2}.parquet")).slice(0, 0),
+                 no_rows)
+  day2 = _summary(root, DAY2)
+  live2 = _live(root)
+
+  # Day 3: no interactions, yesterday's item table: nothing to train, nothing changed.
+  nightly.run(None, root, DAY3, False, [no_rows], os.path.join(inputs, f"items-{DAY2}.parquet"))
+  day3 = _summary(root, DAY3)
+  assert day3["published"] and day3["empty_day"] and day3["parent_date"] == DAY2
+  assert day3["model_step"] == day2["model_step"]  # no step trained
+  assert day3["metrics"] is None and day3["gate"]["passed"] and "skipped" in day3["gate"]
+  assert day3["seconds"]["evaluate"] < 0.1  # neither model was scored
+  np.testing.assert_array_equal(_flat(_final_params(root, DAY3)), _flat(_final_params(root, DAY2)))
+  live3 = _live(root)
+  assert live3["date"] == DAY3 and live3["index"] == live2["index"]  # the same catalog: reused
+  assert live3["candidates"] == live2["candidates"]  # no user acted: their lists stay
+  assert day3["candidates"]["carried_from"] == DAY2
+  assert not os.path.exists(os.path.join(root, "days", DAY3, "index"))
+
+  # Day 4: still no interactions, but an item table with new items: the index is rebuilt from
+  # the carried model, new items in it on the cold-start path.
+  _, items4, raw4 = write_day_files(tmp_path / "day4", DAY4, "parquet")
+  nightly.run(None, root, DAY4, False, [no_rows], items4)
+  day4 = _summary(root, DAY4)
+  assert day4["empty_day"] and day4["model_step"] == day2["model_step"]
+  assert day4["index"]["num_items"] == len(raw4.items["item_id"]) == day4["num_items"]
+  new_items = np.setdiff1d(np.asarray(raw4.items["item_id"]).astype(str),
+                           np.asarray(_day_items_seen(root, DAY3)))
+  assert len(new_items) > 0 and day4["cold_items"] >= len(new_items)
+  live4 = _live(root)
+  assert live4["index"] == os.path.join(root, "days", DAY4, "index", day4["index_version"])
+  assert live4["candidates"] == live2["candidates"]
+  # A rerun does nothing; the next day with interactions warm-starts from the carried model.
+  nightly.run(None, root, DAY4, False, [no_rows], items4)
+  assert _summary(root, DAY4) == day4
+  inter5, items5, _ = write_day_files(tmp_path / "day5", DAY5, "parquet")
+  nightly.run(None, root, DAY5, False, [inter5], items5)
+  day5 = _summary(root, DAY5)
+  assert not day5["empty_day"] and day5["parent_date"] == DAY4
+  assert day5["model_step"] > day4["model_step"] and day5["metrics"] is not None
+
+
+def _live(root):
+  with open(os.path.join(root, "LIVE.json")) as f:
+    return json.load(f)
+
+
+def _flat(params):
+  import jax
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])
 
 
 def _day_items_seen(root, date):

@@ -216,6 +216,22 @@ class WarmStart:
   initial_state: Callable[[TrainingSetup], TrainState]
 
 
+def carry_over(config: ml_collections.ConfigDict, workdir: str, warm_start: WarmStart
+               ) -> dict[str, Any]:
+  """A run with nothing to train on (the nightly job's day without interactions): `warm_start`'s
+  state, on this run's (possibly grown) tables, saved as the work directory's checkpoint at the
+  parent's step. Idempotent: a rerun finds the checkpoint and saves nothing."""
+  s = setup_training(config, workdir)
+  checkpointer = s.workdir.checkpointer(config.train)
+  if checkpointer.latest_step() is None:
+    checkpointer.save(warm_start.step, warm_start.initial_state(s), force=True)
+    checkpointer.wait()
+  step = checkpointer.latest_step()
+  path = checkpointer.path(step)
+  checkpointer.close()
+  return {"steps": int(step), "checkpoint": path}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        hooks: Sequence[Hook] = (), warm_start: WarmStart | None = None,
                        replayed: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
