@@ -34,7 +34,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import nightly as nightly_config  # noqa: E402
-from launch import nightly_jobs  # noqa: E402
+from launch import common, nightly_jobs  # noqa: E402
 from pipelines.prepare import prepare  # noqa: E402
 from two_tower import sharding  # noqa: E402
 from two_tower.evaluation import Evaluator  # noqa: E402
@@ -141,6 +141,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def run(workdir: str) -> dict:
+  # As launch.nightly does; the retrain arm shares it (its shapes change with its window's data).
+  common.use_compilation_cache(os.path.join(workdir, nightly_jobs.JAX_CACHE))
   config, dates = world_config(_DAYS.value)
   arms = _ARMS.value
   rows = []

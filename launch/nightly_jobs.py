@@ -13,6 +13,7 @@ publish, recorded in days/<date>/summary.json.
     progress.json                the stages done, their seconds and results, and the parent
     summary.json                 written last: the day is finished
   DIR/report/                    index.html, PNG plots and days.json over every finished day
+  DIR/jax_cache/                 compiled programs reused by the next days (launch/nightly.py)
 
 Crash safety. Each stage's result is recorded in progress.json (atomically) when it ends, and a
 rerun skips recorded stages. Today's state is always computed from the parent's (the day that was
@@ -61,6 +62,7 @@ DAILY_KEYS = RUNTIME_KEYS + ("train.", "optimizer.learning_rate", "optimizer.sch
                              "data.logs.files", "data.logs.split_files", "data.logs.user_table",
                              "data.logs.item_table")
 REGISTRY = "registry.npz"
+JAX_CACHE = "jax_cache"
 INPUTS = "inputs.json"
 
 

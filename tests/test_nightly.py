@@ -744,6 +744,8 @@ def logs_days(tmp_path_factory):
                       f"--interactions={inputs}/interactions-{DAY2}.*", f"--items={items2}",
                       timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
+  # The command keeps its compiled programs for the next days.
+  assert os.listdir(os.path.join(root, "jax_cache"))
   return after_day1, root, raw2, str(inputs)
 
 
