@@ -100,7 +100,8 @@ def run(config, workdir: str, date: str, force: bool, interactions: list[str] | 
 
 def main(argv):
   del argv
-  common.use_compilation_cache(os.path.join(os.path.abspath(_WORKDIR.value), nightly_jobs.JAX_CACHE))
+  common.use_compilation_cache(
+      os.path.join(os.path.abspath(_WORKDIR.value), nightly_jobs.JAX_CACHE))
   common.start()
   common.run_cli(lambda: run(common.loaded_config(_CONFIG), _WORKDIR.value, _DATE.value,
                              _FORCE.value, _INTERACTIONS.value, _ITEMS.value, _USERS.value))

@@ -229,6 +229,11 @@ class _Day:
     self.parent = parent
     self.parent_dir = life.day_dir(parent["date"]) if parent else None
 
+  @property
+  def empty_day(self) -> bool:
+    """The day has no interactions (known once prepared)."""
+    return bool(self.progress.get("empty_day", False))
+
   def _save(self, progress: dict) -> None:
     atomic.write_json(self.progress_path, progress)
 
@@ -287,7 +292,7 @@ class _Day:
 
   def train(self) -> dict:
     warm = None
-    if self.progress["empty_day"] and not self.parent:
+    if self.empty_day and not self.parent:
       raise NightlyError(f"{self.date} is the first day of {self.life.root} and has no "
                          "interactions: there is nothing to train a first model on. Start with "
                          "a day that has interactions.")
@@ -301,7 +306,7 @@ class _Day:
             parent_ckpt, self.parent["step"], parent_schema, setup.state, setup.state_sharding,
             setup.config, setup.tx, setup.mesh, carried, tables)
       warm = WarmStart(step=self.parent["step"], initial_state=initial_state)
-    if self.progress["empty_day"]:
+    if self.empty_day:
       summary = carry_over(self.config, self.dir, warm)
       return {"model_step": summary["steps"], "checkpoint": summary["checkpoint"], "replayed": {}}
     replayed, counts = self.replayed()
@@ -335,7 +340,7 @@ class _Day:
     return (replay_lib.concat(parts) if parts else None), counts
 
   def evaluate(self) -> dict:
-    if self.progress["empty_day"]:  # no holdout to score either model on
+    if self.empty_day:  # no holdout to score either model on
       return {"metrics": None, "live_metrics": None, "oracle_metrics": None}
     metrics = jobs.evaluate(self.dir, config=self.config)
     live_metrics = None
@@ -395,17 +400,18 @@ class _Day:
     return self.life.day_dir(date)
 
   def index(self) -> dict:
-    if self.progress["empty_day"] and not self.catalog_changed():
+    if self.empty_day and not self.catalog_changed():
       # The live index serves today's catalog unchanged.
       return {"index_version": os.path.basename(self.parent["index"]),
-              "index_path": self.parent["index"], "index": self.life.summary(self.parent["date"])["index"]}
+              "index_path": self.parent["index"],
+              "index": self.life.summary(self.parent["date"])["index"]}
     manifest = jobs.build_index(self.dir, self.config, hook=self.hook,
                                 queries_from=self.query_day_dir())
     return {"index_version": manifest["version"],
             "index": {k: manifest.get(k) for k in ("validation", "num_items", "model_step")}}
 
   def candidates(self) -> dict:
-    if self.progress["empty_day"]:
+    if self.empty_day:
       # No user acted today: their candidates stay yesterday's (the refreshed index serves
       # online queries); tomorrow's candidates include today's new items.
       carried = self.life.summary(self.parent["date"])["candidates"]

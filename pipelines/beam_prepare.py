@@ -463,7 +463,8 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: ml_collections.ConfigDict, path
                  beam.pvalue.AsList(summary.counts)))
   examples = groups | "Examples" >> beam.FlatMap(
       user_examples, beam.pvalue.AsSingleton(catalog), beam.pvalue.AsSingleton(file_rows),
-      cfg.split, mode, cfg.get("user_weight_exponent", 0.0)).with_outputs("histories", "pairs", main="examples")
+      cfg.split, mode, cfg.get("user_weight_exponent", 0.0)
+  ).with_outputs("histories", "pairs", main="examples")
   sizes = (examples.examples
            | "Sizes" >> beam.Map(_size)
            | "SumSizes" >> beam.CombinePerKey(lambda values: np.sum(list(values), axis=0)))

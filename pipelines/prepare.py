@@ -44,9 +44,8 @@ from two_tower.registry import Registry
 VERSION = "1.0.0"
 # The parts of config.data that change the prepared data (the rest only changes how it is read).
 _BUILD_KEYS = ("source", "source_dir", "synthetic", "logs", "split", "history_length",
-               "training_history",
-               "num_oov_buckets", "min_count", "max_bag_length", "weight_column", "user_weight_exponent",
-               "id_registry")
+               "training_history", "num_oov_buckets", "min_count", "max_bag_length",
+               "weight_column", "user_weight_exponent", "id_registry")
 
 
 def example_features(history_length: int) -> tfds.features.FeaturesDict:

@@ -179,7 +179,8 @@ def test_empty_file_among_valid_ones_is_refused(tmp_path, existing_build, conten
   empty.write_text(content)
   cfg = _cfg([a, str(empty), b], "csv")
   cfg.logs.allow_empty = allow_empty
-  _refused(tmp_path, existing_build, cfg, rf"input file {empty} (is empty|has a header but no rows)")
+  _refused(tmp_path, existing_build, cfg,
+           rf"input file {empty} (is empty|has a header but no rows)")
 
 
 @pytest.mark.parametrize("minor", ["small_ints", "huge_ints", "floats"])
