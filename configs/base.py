@@ -205,6 +205,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   n.min_count = 1  # occurrences (over days) before an ID gets its own row; until then a hashed bucket
   n.expire_after_days = 0  # an ID unseen for this many days is evicted and its row reused; 0: never
   n.row_chunk = 256  # tables grow by whole chunks of rows (rounded to a multiple of mesh.table_row_multiple)
+  # A table that must grow grows by at least this share of its rows: the shapes (and the compiled
+  # training step, kept in the work directory's compilation cache) then change only every few days.
+  n.min_growth = 0.25
   # Replay: each day also trains on a seeded sample (this share) of the training examples of the
   # finished days among the `replay_days` before it, read from their prepared data (examples whose
   # user or item is not in today's catalog are dropped). train.num_epochs counts them. 0: none.

@@ -154,7 +154,8 @@ def _registry_config(config: ml_collections.ConfigDict) -> registry_lib.Registry
       min_count=config.nightly.min_count, expire_after_days=config.nightly.expire_after_days,
       chunk=registry_lib.chunk_rows(config.nightly.row_chunk,
                                     sharding.mesh_option(config.mesh, "table_row_multiple")),
-      num_oov=config.data.num_oov_buckets, feature_min_count=config.data.min_count)
+      num_oov=config.data.num_oov_buckets, feature_min_count=config.data.min_count,
+      min_growth=config.nightly.min_growth)
 
 
 def _check_date(life: Lifecycle, date: str) -> None:

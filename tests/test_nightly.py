@@ -139,6 +139,16 @@ def test_registry_keeps_rows_and_grows_in_chunks():
   assert carried[:5].all() and not carried[5:].any()
 
 
+def test_registry_grows_by_at_least_min_growth():
+  v, _ = _advance(registry_lib.VocabRegistry.empty(num_oov=1, chunk=8), range(60), 0)
+  assert v.capacity == 64
+  grown, change = _advance(v, range(70), 1, min_growth=0.25)  # 8 new IDs, 2 free rows
+  assert change.capacity_before == 64 and grown.capacity == 80  # 64 * 1.25, not 64 + 8
+  same, _ = _advance(grown, range(78), 2, min_growth=0.25)  # 8 more fill it: no growth
+  assert same.capacity == 80
+  assert _advance(v, range(70), 1)[0].capacity == 72  # without: the chunks needed
+
+
 def test_registry_min_count_buckets_and_eviction_reuse(tmp_path):
   v0 = registry_lib.VocabRegistry.empty(num_oov=2, chunk=8)
   v1, _ = _advance(v0, ["a", "a", "b"], 0, min_count=2, expire_after_days=2)

@@ -34,10 +34,12 @@ USERS, ITEMS, CATEGORIES, BATCH, HISTORY = 30, 40, 6, 16, 4
 ITEM_TABLE = "item_tower/embedding/tables/item_id/embedding"  # shared with the history bag
 
 
-def small_model():
+def small_model(**loss):
   """A rowwise_adagrad config, train state, jitted step, batch and catalog over a hand-made schema
-  with every kind of lookup: ids, a category, and a history bag sharing the item table."""
+  with every kind of lookup: ids, a category, and a history bag sharing the item table. `loss`:
+  config.loss overrides."""
   c = get_base_config()
+  c.loss.update(**loss)
   c.model.update(query_features=("user_id", "history"), item_features=("item_id", "category"),
                  share_item_embeddings=True, id_embedding_dim=8, feature_embedding_dim=4,
                  hidden_dims=(8,), output_dim=8)

@@ -258,3 +258,26 @@ def test_bfloat16_training_keeps_float32_state_and_reaches_float32_quality(train
     quality[name] = evaluator(s.params)["recall@10"]
   # Within the noise of a tiny run (its recall@10 is about 0.3).
   assert abs(quality["bfloat16"] - quality["float32"]) < 0.1 * quality["float32"], quality
+
+
+def test_a_padded_catalog_trains_exactly_like_the_real_one():
+  # The nightly job's catalog grows a little every day: padded to a bucketed size, consecutive
+  # days have the same shapes (so the same compiled step), and a step does not change.
+  from test_rowsparse import small_model
+  from two_tower import features as feats
+  _, _, _, state, step, batch, catalog = small_model(num_uniform_negatives=8, logq_correction=True)
+
+  def first_rows(n):  # the catalog of a day with n items (the item table keeps its rows)
+    return {"user": catalog["user"], "item": {k: v[:n] for k, v in catalog["item"].items()}}
+
+  shapes = lambda c: jax.tree.map(np.shape, c)
+  assert shapes(feats.pad_catalog(first_rows(37))) == shapes(feats.pad_catalog(first_rows(39)))
+  padded = feats.pad_catalog(first_rows(37))
+  assert padded["item"]["item_id"].shape[0] == 48 and int(padded[feats.SIZES]["item"]) == 37
+  want_state, want = step(state, batch, first_rows(37))
+  got_state, got = step(state, batch, padded)
+  assert_trees_equal(got, want)
+  assert_trees_equal(got_state.params, want_state.params)
+  # The uniform negatives are drawn from the 37 real items, not the padding.
+  assert not jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), want_state.params,
+                                       step(state, batch, first_rows(40))[0].params))

@@ -18,6 +18,8 @@ from pipelines.prepare import PreparedData
 Catalog = Mapping[str, Mapping[str, jax.Array]]  # {"user": {name: [U, ...]}, "item": {name: [I, ...]}}
 
 SAMPLING_PROB = "sampling_prob"
+# catalog[SIZES][side]: the real number of rows of a catalog padded by `pad_catalog`.
+SIZES = "sizes"
 # The features that are an entity's own ID (pipelines/prepare.py names them "<side>_id").
 ID_FEATURES = ("user_id", "item_id")
 
@@ -30,6 +32,35 @@ def load_catalog(data: PreparedData, query_features: Sequence[str], item_feature
       "user": data.tables("user", user_names),
       "item": data.tables("item", [*item_features, SAMPLING_PROB]),
   }
+
+
+def padded_rows(n: int) -> int:
+  """`n` rounded up to a multiple of 2^(floor(log2 n) - 1): at most 50% more rows (of a few
+  integer columns: small beside the embedding tables), and the same for every n between two such
+  multiples, which a catalog growing a few percent a day crosses every week or two."""
+  step = 1 << max(0, n.bit_length() - 2)
+  return -(-n // step) * step
+
+
+def pad_catalog(catalog: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+  """`catalog` with each side's tables padded with rows of zeros (never looked up) to
+  `padded_rows`, and its real row counts under SIZES. A catalog that grows a little, as the
+  nightly job's does from one day to the next, keeps its shapes, so the training step compiled
+  for it is reused (from the persistent compilation cache) instead of compiled again."""
+  out: dict[str, dict] = {SIZES: {}}
+  for side, tables in catalog.items():
+    rows = len(next(iter(tables.values())))
+    out[side] = {name: np.pad(t, [(0, padded_rows(rows) - rows)] + [(0, 0)] * (t.ndim - 1))
+                 for name, t in tables.items()}
+    out[SIZES][side] = np.int32(rows)
+  return out
+
+
+def num_rows(catalog: Catalog, side: str):
+  """The real number of rows of a side of the catalog (a traced scalar when padded)."""
+  if SIZES in catalog:
+    return catalog[SIZES][side]
+  return next(iter(catalog[side].values())).shape[0]
 
 
 def query_features(catalog: Catalog, user_index: jax.Array, history: jax.Array | None = None

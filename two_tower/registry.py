@@ -11,7 +11,9 @@ their optimizer state) stay valid today:
   * an ID unseen for more than `expire_after_days` days is evicted: its row is freed and reused by
     a later new ID (the warm start re-initialises the row and its optimizer slots);
   * a table's capacity (its row count) only grows, in whole chunks, so every size stays a multiple
-    of config.mesh.table_row_multiple and tables stay row-sharded over the model axis.
+    of config.mesh.table_row_multiple and tables stay row-sharded over the model axis; and when it
+    grows, by at least `min_growth` of itself, so that a table growing a little every day changes
+    shape (and makes the next training step compile again) only every few days.
 
 `Registry.advance` is a pure function of yesterday's registry and today's data; the nightly job
 saves the result with the day's checkpoints (`save`, atomic).
@@ -105,8 +107,8 @@ class VocabRegistry:
     out[self.rows] = self.ids
     return out
 
-  def advance(self, tokens, day: int, *, min_count: int, expire_after_days: int, chunk: int
-              ) -> tuple[VocabRegistry, Change]:
+  def advance(self, tokens, day: int, *, min_count: int, expire_after_days: int, chunk: int,
+              min_growth: float = 0.0) -> tuple[VocabRegistry, Change]:
     """The registry after day `day`, whose occurrences are `tokens` (with repetition)."""
     seen, seen_counts = _counts(tokens)
     ids, rows, counts, last = self.ids, self.rows, self.counts.copy(), self.last_seen.copy()
@@ -143,7 +145,7 @@ class VocabRegistry:
     taken[rows] = True
     free = np.flatnonzero(~taken)
     if len(free) < len(new_ids):
-      needed = capacity + len(new_ids) - len(free)
+      needed = max(capacity + len(new_ids) - len(free), math.ceil(capacity * (1 + min_growth)))
       capacity = -(-needed // chunk) * chunk
       free = np.r_[free, np.arange(self.capacity, capacity)]
     new_rows = free[:len(new_ids)]
@@ -205,6 +207,7 @@ class RegistryConfig:
   chunk: int  # capacity grows by multiples of this (already a multiple of the row multiple)
   num_oov: int
   feature_min_count: int = 1
+  min_growth: float = 0.0  # a table that must grow grows by at least this share of its capacity
 
 
 def chunk_rows(row_chunk: int, table_row_multiple: int) -> int:
@@ -226,7 +229,8 @@ def advance(registry: Registry, raw, day: int, cfg: RegistryConfig
   def step(name: str, tokens, *, min_count: int, expire: int) -> None:
     before = vocabs.get(name) or VocabRegistry.empty(cfg.num_oov, cfg.chunk)
     vocabs[name], changes[name] = before.advance(
-        tokens, day, min_count=min_count, expire_after_days=expire, chunk=cfg.chunk)
+        tokens, day, min_count=min_count, expire_after_days=expire, chunk=cfg.chunk,
+        min_growth=cfg.min_growth)
 
   for side in ("user", "item"):
     step(f"{side}_id", raw.ids(side), min_count=cfg.min_count,

@@ -49,7 +49,7 @@ def batch_loss(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
   loss.logq_estimator="streaming")."""
   loss_cfg = config.loss
   sampling_prob = catalog["item"][feats.SAMPLING_PROB]
-  num_items = sampling_prob.shape[0]
+  num_items = feats.num_rows(catalog, "item")  # traced when the catalog is padded
   num_shards = mesh.shape[sharding.DATA]
   num_negatives = loss_cfg.num_uniform_negatives
   step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
@@ -59,7 +59,7 @@ def batch_loss(state: TrainState, batch: dict[str, jax.Array], catalog: feats.Ca
   # Rows of weight 0 are the loader's padding of a short last batch: not negatives, not counted.
   valid = batch["weight"] > 0
   unique_items, positive, counts = dedupe_candidates(
-      batch["item_index"], negatives, num_items=num_items, num_shards=num_shards,
+      batch["item_index"], negatives, num_items=sampling_prob.shape[0], num_shards=num_shards,
       global_negatives=loss_cfg.global_negatives, valid=valid)
   item_counts = state.item_counts
   if item_counts is not None:  # loss.logq_estimator="streaming": Q from the stream so far
@@ -198,7 +198,8 @@ def setup_training(config: ml_collections.ConfigDict, workdir: str,
   tx = make_optimizer(config.optimizer, num_steps)
   graphdef, state, state_sh = create_train_state(data.schema, config, tx, mesh)
   catalog = jax.device_put(
-      feats.load_catalog(data, config.model.query_features, config.model.item_features),
+      feats.pad_catalog(
+          feats.load_catalog(data, config.model.query_features, config.model.item_features)),
       sharding.replicated(mesh))
   return TrainingSetup(config, wd, mesh, data, graphdef, state, state_sh, catalog, tx, num_steps,
                        num_examples)
