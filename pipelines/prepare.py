@@ -70,6 +70,11 @@ def build_settings(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     settings.pop("logs")
   if not settings.get("id_registry"):
     settings.pop("id_registry", None)  # vocabularies of this build alone (the name is unchanged)
+  # Keys added since builds were first named, at their defaults: the names of existing builds hold.
+  if not settings.get("user_weight_exponent"):
+    settings.pop("user_weight_exponent", None)
+  if "logs" in settings and not settings["logs"].get("allow_empty"):
+    settings["logs"].pop("allow_empty", None)
   if settings["source"] in ("movielens_100k", "logs"):
     settings["source_dir"] = os.path.abspath(settings["source_dir"]) if settings["source_dir"] else ""
   return settings
