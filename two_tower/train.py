@@ -197,10 +197,12 @@ def setup_training(config: ml_collections.ConfigDict, workdir: str,
       config.train.num_epochs, config.train.num_steps)
   tx = make_optimizer(config.optimizer, num_steps)
   graphdef, state, state_sh = create_train_state(data.schema, config, tx, mesh)
-  catalog = jax.device_put(
-      feats.pad_catalog(
-          feats.load_catalog(data, config.model.query_features, config.model.item_features)),
-      sharding.replicated(mesh))
+  catalog = feats.load_catalog(data, config.model.query_features, config.model.item_features)
+  if config.data.id_registry:
+    # The nightly lifecycle: each day's catalog is a little larger than the day before's. Padded,
+    # most days keep yesterday's shapes and reuse its compiled step (launch/nightly.py's cache).
+    catalog = feats.pad_catalog(catalog)
+  catalog = jax.device_put(catalog, sharding.replicated(mesh))
   return TrainingSetup(config, wd, mesh, data, graphdef, state, state_sh, catalog, tx, num_steps,
                        num_examples)
 
