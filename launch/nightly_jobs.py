@@ -365,7 +365,7 @@ class _Day:
 
   def gate(self) -> dict:
     cfg = self.config.gate
-    if self.progress["metrics"] is None:  # an empty day: the model is the live one, carried
+    if self.empty_day:  # no holdout, and the model is the live one, carried
       return {"gate": {"metric": cfg.metric, "new": None, "live": None,
                        "max_regression": cfg.max_regression, "passed": True,
                        "skipped": "no interactions: the live model is carried over"}}

@@ -131,6 +131,14 @@ def test_split_that_needs_every_interaction_is_refused(tmp_path):
     prepare(cfg, str(tmp_path / "data"), beam_runner="DirectRunner")
 
 
+def test_nightly_only_settings_are_refused_by_name(tmp_path):
+  cfg = _cfg(_files(tmp_path, "parquet", n=50), "parquet", "temporal_last_n", "auto")
+  cfg.logs.allow_empty = True
+  with pytest.raises(UserError, match=r"does not support data.logs.allow_empty"):
+    prepare(cfg, str(tmp_path / "data"), beam_runner="DirectRunner")
+  assert not os.path.exists(tmp_path / "data")
+
+
 def test_bad_value_on_a_worker_names_file_and_row(tmp_path):
   files = _files(tmp_path, "csv", n=50)
   with open(files[1]) as f:
