@@ -206,7 +206,7 @@ def generate_candidates(workdir: str, output: str, *, user_ids_file: str | None 
     return done
 
   model = wd.restore_params(config, data, sharding.make_mesh(config.mesh), step)
-  dim = nnx.merge(model.graphdef, model.params).item_tower.output_dim
+  dim = nnx.merge(model.graphdef, model.params).embedding_dim
   index.check_model(dim=dim, step=model.step, item_ids=item_ids)
 
   os.makedirs(output, exist_ok=True)

@@ -7,7 +7,8 @@ per interaction):
   files ─ read ─► blocks ─ by user bucket ─► groups of whole users
     groups ─ count, split ─► one row per user, per-item partial counts ─ by item bucket ─► one row
       per item
-    users + items ─ one worker ─► the catalog: vocabularies, feature tables (catalog_tables)
+    users + items ─ one worker ─► the catalog: vocabularies (or the ID registry's rows), feature
+      tables (catalog_tables)
     groups + catalog ─► examples (history_order, _example_columns: the in-process functions),
       each user's latest history, the evaluation pairs
     examples ─ by shard (a range of TFDS's md5 order) ─► ArrayRecord shards (records.write_shard)
@@ -46,6 +47,7 @@ from pipelines import prepare as prepare_lib
 from pipelines.schema import PAD, Schema
 from pipelines.sources import DataError, RawFeature
 from two_tower.errors import UserError
+from two_tower.registry import Registry
 
 # Groups of whole users, the unit of the per-user work: at least USER_BUCKETS, and about
 # ROWS_PER_BUCKET interactions each (estimated from the input), so that a group fits a worker.
@@ -71,8 +73,7 @@ def check_supported(cfg: ml_collections.ConfigDict) -> None:
         f"the Beam path computes the split per user or reads it, so data.split.kind must be one "
         f"of {_SUPPORTED_SPLITS}, not {cfg.split.kind!r} (which needs every interaction in one "
         "process): change the split or run without --beam_runner")
-  unsupported = [key for key, on in (("data.id_registry", cfg.get("id_registry")),
-                                     ("data.weight_column", cfg.weight_column),
+  unsupported = [key for key, on in (("data.weight_column", cfg.weight_column),
                                      ("data.logs.allow_empty", cfg.logs.get("allow_empty")),
                                      ("data.logs.validation_from_train",
                                       cfg.logs.get("validation_from_train"))) if on]
@@ -249,10 +250,14 @@ def build_catalog(user_rows: list[Block], item_rows: list[Block], split_counts, 
   counts = np.sum(split_counts, axis=0)
   if counts[splits.TRAIN] == 0:
     raise DataError("the split left no training interactions: check data.split")
+  registry = None
+  if cfg.get("id_registry"):  # a nightly day's: read where the worker runs (local, GCS, ...)
+    with FileSystems.open(cfg.id_registry) as f:
+      registry = Registry.load(io.BytesIO(f.read()))
   tables, features = prepare_lib.catalog_tables(
       _raw_table(users, "user", raw_features, multi_separators),
       _raw_table(items, "item", raw_features, multi_separators), raw_features,
-      users["in_train"], items["train_count"].astype(np.int64), cfg)
+      users["in_train"], items["train_count"].astype(np.int64), cfg, registry)
   schema = Schema(tuple(features), len(users["user_id"]), len(items["item_id"]),
                   cfg.history_length,
                   {name: int(counts[k]) for k, name in enumerate(splits.SPLIT_NAMES)})

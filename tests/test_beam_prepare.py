@@ -89,15 +89,39 @@ def test_beam_prepares_the_same_dataset(tmp_path, fmt, split_kind, training_hist
     cfg = _cfg(_files(tmp_path, fmt), fmt, split_kind, training_history)
   if split_kind == "predefined":
     cfg.user_weight_exponent = 1.0  # per-user counts: the Beam path has each user whole
+  ours, beam = _assert_same_dataset(cfg, tmp_path)
+  assert sum(ours.schema.split_sizes.values()) == (440 if fmt == "adjacency" else 1200)
+  tables = os.listdir(os.path.join(ours.path, "tables"))
+  assert "user.history.npy" in tables and ("item.tags.npy" in tables or fmt == "adjacency")
+
+
+def test_beam_prepares_the_same_dataset_on_a_nightly_id_registry(tmp_path):
+  from pipelines.prepare import load_raw
+  from two_tower import registry as registry_lib
+  cfg = _cfg(_files(tmp_path, "parquet"), "parquet", "temporal_last_n", "before")
+  raw, _ = load_raw(cfg)
+  # min_count=16 (items average 15 interactions): the rarer IDs share a hashed bucket row.
+  registry, _ = registry_lib.advance(
+      registry_lib.Registry.empty(), raw, 0,
+      registry_lib.RegistryConfig(min_count=16, expire_after_days=0, chunk=16, num_oov=1))
+  cfg.id_registry = str(tmp_path / "registry.npz")
+  registry.save(cfg.id_registry)
+  ours, _ = _assert_same_dataset(cfg, tmp_path)
+  item_rows = np.load(os.path.join(ours.path, "tables", "item.item_id.npy"))
+  assert ours.schema.feature("item_id").vocab_size == registry.vocab("item_id").capacity
+  assert (item_rows == 1).any() and (item_rows > 1).any()  # bucketed and own rows
+
+
+def _assert_same_dataset(cfg, tmp_path):
+  """Prepares `cfg` in process and on Beam's DirectRunner, checks the two datasets are the same
+  (schema, tables, pairs, serialized examples in order) and returns them."""
   ours = prepare(cfg, str(tmp_path / "in_process"))
   beam = prepare(cfg, str(tmp_path / "beam"), beam_runner="DirectRunner")
   assert list(beam.builder.stage_seconds) == ["beam"]  # built by the pipeline
   assert ours.schema == beam.schema
-  assert sum(ours.schema.split_sizes.values()) == (440 if fmt == "adjacency" else 1200)
   assert all(ours.schema.split_sizes[s] > 0 for s in ("train", "validation", "test"))
   tables = sorted(os.listdir(os.path.join(ours.path, "tables")))
   assert tables == sorted(os.listdir(os.path.join(beam.path, "tables")))
-  assert "user.history.npy" in tables and ("item.tags.npy" in tables or fmt == "adjacency")
   for name in tables:
     a, b = (np.load(os.path.join(d.path, "tables", name)) for d in (ours, beam))
     np.testing.assert_array_equal(a, b, err_msg=name)
@@ -113,6 +137,7 @@ def test_beam_prepares_the_same_dataset(tmp_path, fmt, split_kind, training_hist
     assert (ours_info.num_examples, ours_info.num_bytes) == (beam_info.num_examples,
                                                              beam_info.num_bytes)
   assert not glob.glob(os.path.join(beam.path, "_beam*"))
+  return ours, beam
 
 
 def test_runner_that_is_not_installed_names_the_extra(tmp_path, monkeypatch):

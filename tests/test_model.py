@@ -176,3 +176,22 @@ def test_sum_combiner_refuses_features_of_different_sizes():
     TwoTower(SCHEMA, _cfg(combine_features="sum", query_features=("user_id", "age"),
                          item_features=("item_id",)),
              rngs=nnx.Rngs(0))
+
+
+def test_item_bias_adds_a_learned_scalar_per_item_to_the_dot_product():
+  plain = TwoTower(SCHEMA, _cfg(temperature=0.5), rngs=nnx.Rngs(0))
+  biased = TwoTower(SCHEMA, _cfg(temperature=0.5, item_bias=True), rngs=nnx.Rngs(0))
+  assert biased.embedding_dim == plain.embedding_dim + 1 == 9
+  bias = jnp.arange(20.0)[:, None] / 10
+  biased.bias_tables["item_id"].embedding[...] = bias
+  query, items = _batch()
+  scores = biased.embed_queries(query) @ biased.embed_items(items).T
+  want = plain.embed_queries(query) @ plain.embed_items(items).T + bias[items["item_id"], 0]
+  np.testing.assert_allclose(scores, want, rtol=1e-5)
+  # Rows shard like the item-ID table's (so a nightly warm start grows it with the item IDs).
+  abstract = nnx.eval_shape(lambda: TwoTower(SCHEMA, _cfg(item_bias=True), rngs=nnx.Rngs(0)))
+  with nnx.logical_axis_rules(AXIS_RULES):
+    specs = nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
+  assert specs["bias_tables"]["item_id"]["embedding"].get_value() == P("model", None)
+  with pytest.raises(ValueError, match="item_bias.*needs 'item_id'"):
+    TwoTower(SCHEMA, _cfg(item_bias=True, item_features=("tags",)), rngs=nnx.Rngs(0))

@@ -42,15 +42,20 @@ def padded_rows(n: int) -> int:
   return -(-n // step) * step
 
 
-def pad_catalog(catalog: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
-  """`catalog` with each side's tables padded with rows of zeros (never looked up) to
-  `padded_rows`, and its real row counts under SIZES. A catalog that grows a little, as the
-  nightly job's does from one day to the next, keeps its shapes, so the training step compiled
-  for it is reused (from the persistent compilation cache) instead of compiled again."""
+def pad_catalog(catalog: Mapping[str, Mapping[str, np.ndarray]],
+                rows_at_least: Mapping[str, int] | None = None) -> dict[str, dict[str, np.ndarray]]:
+  """`catalog` with each side's tables padded with rows of zeros (never looked up), and its real
+  row counts under SIZES. A side is padded to `rows_at_least[side]` rows when it has no more,
+  else to `padded_rows`. A catalog that grows a little, as the nightly job's does from one day to
+  the next, keeps its shapes, so the training step compiled for it is reused (from the persistent
+  compilation cache) instead of compiled again."""
+  rows_at_least = rows_at_least or {}
   out: dict[str, dict] = {SIZES: {}}
   for side, tables in catalog.items():
     rows = len(next(iter(tables.values())))
-    out[side] = {name: np.pad(t, [(0, padded_rows(rows) - rows)] + [(0, 0)] * (t.ndim - 1))
+    size = rows_at_least.get(side, 0)
+    size = size if rows <= size else padded_rows(rows)
+    out[side] = {name: np.pad(t, [(0, size - rows)] + [(0, 0)] * (t.ndim - 1))
                  for name, t in tables.items()}
     out[SIZES][side] = np.int32(rows)
   return out

@@ -155,7 +155,10 @@ def tower_features(schema: Schema, names: Sequence[str], side: str) -> tuple[Fea
 
 
 class TwoTower(nnx.Module):
-  """score(query, item) = <query_tower(query), item_tower(item)> / temperature."""
+  """score(query, item) = <query_tower(query), item_tower(item)> / temperature [+ bias(item)].
+
+  With model.item_bias the embeddings carry the bias as one more dimension (the query's is 1), so
+  evaluation, the index and candidate scoring take the score as a plain dot product."""
 
   def __init__(self, schema: Schema, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.item_tower = Tower(tower_features(schema, cfg.item_features, "item"), cfg, rngs)
@@ -174,12 +177,33 @@ class TwoTower(nnx.Module):
           f"{self.item_tower.output_dim}): set model.output_dim > 0, or give both towers the same "
           "embedding sizes")
     self.temperature = cfg.temperature
+    self.use_item_bias = bool(cfg.item_bias)
+    if self.use_item_bias:
+      if "item_id" not in cfg.item_features:
+        raise ConfigError("model.item_bias is a learned scalar per item-ID row: it needs 'item_id' "
+                          "in model.item_features")
+      # Named like the towers' tables (".../tables/<feature>/embedding"), so that sharding and the
+      # nightly warm start treat it as one: rows over the model axis, grown with the item IDs.
+      self.bias_tables = nnx.Dict({"item_id": Embed(
+          schema.feature("item_id").vocab_size, 1, param_dtype=jnp.float32, rngs=rngs,
+          embedding_init=_annotate(nnx.initializers.zeros_init(), ("vocab", "embed")))})
+
+  @property
+  def embedding_dim(self) -> int:
+    """The size of the query and item embeddings, whose dot product is the score."""
+    return self.item_tower.output_dim + self.use_item_bias
 
   def embed_queries(self, features: Features) -> jax.Array:
-    return self.query_tower(features) / self.temperature
+    q = self.query_tower(features) / self.temperature
+    if self.use_item_bias:
+      q = jnp.concatenate([q, jnp.ones_like(q[:, :1])], axis=-1)
+    return q
 
   def embed_items(self, features: Features) -> jax.Array:
-    return self.item_tower(features)
+    x = self.item_tower(features)
+    if self.use_item_bias:
+      x = jnp.concatenate([x, self.bias_tables["item_id"](features["item_id"])], axis=-1)
+    return x
 
 
 def export_tables(params: nnx.State, schema: Schema) -> Iterator[tuple[str, np.ndarray]]:

@@ -190,7 +190,8 @@ class Registry:
       np.savez(f, **arrays)
 
   @classmethod
-  def load(cls, path: str) -> Registry:
+  def load(cls, path) -> Registry:
+    """From a path, or a binary file object."""
     with np.load(path, allow_pickle=False) as z:
       meta = json.loads(str(z["meta"]))
       vocabs = {name: VocabRegistry(

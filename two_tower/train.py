@@ -199,9 +199,12 @@ def setup_training(config: ml_collections.ConfigDict, workdir: str,
   graphdef, state, state_sh = create_train_state(data.schema, config, tx, mesh)
   catalog = feats.load_catalog(data, config.model.query_features, config.model.item_features)
   if config.data.id_registry:
-    # The nightly lifecycle: each day's catalog is a little larger than the day before's. Padded,
-    # most days keep yesterday's shapes and reuse its compiled step (launch/nightly.py's cache).
-    catalog = feats.pad_catalog(catalog)
+    # The nightly lifecycle: each day's catalog differs a little from the day before's. Padded to
+    # its side's ID-table rows (the registry's capacity, which grows in chunks of at least
+    # nightly.min_growth), the training shapes change only when the embedding tables' do, and the
+    # other days reuse the compiled step (launch/nightly.py's compilation cache).
+    catalog = feats.pad_catalog(catalog, {
+        side: data.schema.feature(f"{side}_id").vocab_size for side in ("user", "item")})
   catalog = jax.device_put(catalog, sharding.replicated(mesh))
   return TrainingSetup(config, wd, mesh, data, graphdef, state, state_sh, catalog, tx, num_steps,
                        num_examples)

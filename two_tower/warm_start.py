@@ -25,7 +25,8 @@ from two_tower.checkpoint import Checkpointer
 from two_tower.state import TrainState, abstract_params, item_id_rows, streams_item_counts
 from two_tower.trees import named_leaves, path_name
 
-# The name of an embedding table's leaf, in the parameters and in every copy the optimizer keeps.
+# The name of an embedding table's leaf (a tower's, or TwoTower.bias_tables'), in the parameters
+# and in every copy the optimizer keeps.
 _TABLE = re.compile(r"tables/([^/]+)/embedding$")
 _ITEM_COUNTS = "item_counts"  # TrainState.item_counts (two_tower/item_frequency.py)
 
