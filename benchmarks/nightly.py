@@ -93,10 +93,13 @@ def train_retrain(root: str, config, date: str, num_days: int) -> tuple[str, flo
   return day.dir, time.perf_counter() - start
 
 
-def score_next_day(model_dir: str, config, date: str, out_dir: str, cold_ids: np.ndarray | None):
+def score_next_day(model_dir: str, config, date: str, out_dir: str, cold_ids: np.ndarray | None,
+                   carried_history: str):
   """Metrics of `model_dir`'s model on day `date`'s holdout, the day's data indexed by the model's
-  registry. Returns (metrics, cold-item recall@100, the oracle's, the IDs without a row)."""
-  cfg = nightly_jobs.day_config(config, out_dir, date)
+  registry, its histories going on with `carried_history` (the nightly job's of the day before,
+  for every arm: what users did is data, whichever model scores it). Returns (metrics, cold-item
+  recall@100, the oracle's, the IDs without a row)."""
+  cfg = nightly_jobs.day_config(config, out_dir, date, carried_history)
   cfg.data.id_registry = os.path.join(model_dir, nightly_jobs.REGISTRY)
   data = prepare(cfg.data, os.path.join(out_dir, "data"))
   model = Workdir(model_dir).restore_params(cfg, data, sharding.make_mesh(cfg.mesh))
@@ -150,23 +153,29 @@ def run(workdir: str) -> dict:
   for d, (date, next_date) in enumerate(zip(dates[:-1], dates[1:])):
     row = {"day": d + 2, "date": next_date}
     cold_ids = None
+    histories = os.path.join(nightly_jobs.Lifecycle(os.path.join(workdir, "warm")).day_dir(date),
+                             nightly_jobs.HISTORIES)
+    histories = histories if os.path.exists(histories) else ""
     if "warm" in arms or d == 0:
       model_dir, seconds = train_warm(os.path.join(workdir, "warm"), config, date)
       frozen_dir = frozen_dir or model_dir
       if "warm" in arms:
         metrics, cold, oracle, cold_ids = score_next_day(
-            model_dir, config, next_date, os.path.join(workdir, "scored", "warm", next_date), None)
+            model_dir, config, next_date, os.path.join(workdir, "scored", "warm", next_date), None,
+            histories)
         row.update({f"warm_{METRIC}": metrics[METRIC], "warm_train_s": seconds,
                     "cold_items": int(len(cold_ids)), "cold_recall@100": cold,
                     "cold_oracle_recall@100": oracle})
     if "retrain" in arms:
       model_dir, seconds = train_retrain(os.path.join(workdir, "retrain"), config, date, d + 1)
       metrics, _, _, _ = score_next_day(model_dir, config, next_date,
-                                        os.path.join(workdir, "scored", "retrain", next_date), cold_ids)
+                                        os.path.join(workdir, "scored", "retrain", next_date),
+                                        cold_ids, histories)
       row.update({f"retrain_{METRIC}": metrics[METRIC], "retrain_train_s": seconds})
     if "frozen" in arms:
       metrics, _, _, _ = score_next_day(frozen_dir, config, next_date,
-                                        os.path.join(workdir, "scored", "frozen", next_date), cold_ids)
+                                        os.path.join(workdir, "scored", "frozen", next_date),
+                                        cold_ids, histories)
       row[f"frozen_{METRIC}"] = metrics[METRIC]
     rows.append(row)
     print(" | ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),

@@ -79,6 +79,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # An ID registry file (two_tower/registry.py) whose rows IDs and feature tokens take instead of
   # vocabularies of this data alone; set by python -m launch.nightly for each day. "": none.
   d.id_registry = ""
+  # Users' latest items of earlier days (pipelines/histories.py), set by python -m launch.nightly:
+  # every history of this build goes on with them, so a user's history does not start empty each
+  # day. Needs id_registry. "": the histories of this data alone.
+  d.carried_history = ""
   d.cache = "auto"  # auto | always | never: hold the decoded training split in memory
   d.worker_count = 0  # grain worker processes; 0 reads in the training process
   d.prefetch_buffer_size = 2

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from launch import jobs
 from pipelines import logs
+from pipelines.histories import CarriedHistories
 from pipelines.prepare import load_raw
 from two_tower import atomic, registry as registry_lib, sharding
 from two_tower import replay as replay_lib
@@ -62,6 +63,8 @@ DAILY_KEYS = RUNTIME_KEYS + ("train.", "optimizer.learning_rate", "optimizer.sch
                              "data.logs.files", "data.logs.split_files", "data.logs.user_table",
                              "data.logs.item_table")
 REGISTRY = "registry.npz"
+# Every user's latest items after the day (pipelines/histories.py), carried into the next day's data.
+HISTORIES = "histories.npz"
 JAX_CACHE = "jax_cache"
 INPUTS = "inputs.json"
 
@@ -110,6 +113,12 @@ class Lifecycle:
   def finished(self) -> list[str]:
     return [d for d in self.dates() if self.summary(d) is not None]
 
+  def histories_before(self, date: str) -> str:
+    """The histories of the latest day before `date` that prepared its data (published or not:
+    histories are data, not a model), or "" when none did."""
+    paths = [os.path.join(self.day_dir(d), HISTORIES) for d in self.dates() if d < date]
+    return next((p for p in reversed(paths) if os.path.exists(p)), "")
+
   def bind(self, config: ml_collections.ConfigDict) -> None:
     """Records the config on the first day; refuses a later config that changes the model."""
     config_lib.validate(config)
@@ -133,9 +142,10 @@ class Lifecycle:
     return config_lib.validate(config_lib.with_defaults(ml_collections.ConfigDict(recorded)))
 
 
-def day_config(config: ml_collections.ConfigDict, day_dir: str, date: str
-               ) -> ml_collections.ConfigDict:
-  """The config of one day's work directory: the day's data, indexed by the day's registry."""
+def day_config(config: ml_collections.ConfigDict, day_dir: str, date: str,
+               carried_history: str = "") -> ml_collections.ConfigDict:
+  """The config of one day's work directory: the day's data, indexed by the day's registry, its
+  histories going on with `carried_history` (Lifecycle.histories_before)."""
   config = ml_collections.ConfigDict(config.to_dict())
   if config.data.source == "synthetic":
     config.data.synthetic.date = date
@@ -145,6 +155,7 @@ def day_config(config: ml_collections.ConfigDict, day_dir: str, date: str
   if config.data.source == "logs":
     config.data.logs.allow_empty = True  # a day without interactions still refreshes the catalog
   config.data.id_registry = os.path.join(day_dir, REGISTRY)
+  config.data.carried_history = carried_history
   config.data.data_dir = ""  # each day's data inside its own directory
   return config
 
@@ -214,7 +225,7 @@ class _Day:
   def __init__(self, life: Lifecycle, config: ml_collections.ConfigDict, date: str, hook: Hook):
     self.life, self.date, self.hook = life, date, hook
     self.dir = life.day_dir(date)
-    self.config = day_config(config, self.dir, date)
+    self.config = day_config(config, self.dir, date, life.histories_before(date))
     self.workdir = Workdir(self.dir)
     self.progress_path = os.path.join(self.dir, "progress.json")
     progress = _read(self.progress_path)
@@ -275,6 +286,11 @@ class _Day:
     today.save(os.path.join(self.dir, REGISTRY))
     self.workdir.bind(self.config)
     data = self.workdir.prepare_data(self.config)
+    carried = (CarriedHistories.load(self.config.data.carried_history)
+               if self.config.data.carried_history
+               else CarriedHistories.empty(data.schema.history_length))
+    carried.merged(data.table("user", "raw_id"), np.asarray(data.table("user", "history")),
+                   today.vocab("item_id")).save(os.path.join(self.dir, HISTORIES))
     item_rows = np.asarray(data.table("item", "item_id"))
     return {
         # No interactions: nothing to train or evaluate; the live model is carried onto today's

@@ -44,6 +44,7 @@ from tensorflow_datasets.core.utils import shard_utils
 
 from pipelines import logs, records, splits
 from pipelines import prepare as prepare_lib
+from pipelines.histories import CarriedHistories, with_carried
 from pipelines.schema import PAD, Schema
 from pipelines.sources import DataError, RawFeature
 from two_tower.errors import UserError
@@ -77,6 +78,7 @@ def check_supported(cfg: ml_collections.ConfigDict) -> None:
                                      ("data.logs.allow_empty", cfg.logs.get("allow_empty")),
                                      ("data.logs.validation_from_train",
                                       cfg.logs.get("validation_from_train"))) if on]
+  prepare_lib.check_carried_history(cfg)
   if unsupported:
     raise UserError(f"the Beam path does not support {', '.join(unsupported)}: unset it or run "
                     "without --beam_runner")
@@ -250,8 +252,9 @@ def build_catalog(user_rows: list[Block], item_rows: list[Block], split_counts, 
   counts = np.sum(split_counts, axis=0)
   if counts[splits.TRAIN] == 0:
     raise DataError("the split left no training interactions: check data.split")
+  # A nightly day's registry and carried histories: read where the worker runs (local, GCS, ...).
   registry = None
-  if cfg.get("id_registry"):  # a nightly day's: read where the worker runs (local, GCS, ...)
+  if cfg.get("id_registry"):
     with FileSystems.open(cfg.id_registry) as f:
       registry = Registry.load(io.BytesIO(f.read()))
   tables, features = prepare_lib.catalog_tables(
@@ -261,7 +264,12 @@ def build_catalog(user_rows: list[Block], item_rows: list[Block], split_counts, 
   schema = Schema(tuple(features), len(users["user_id"]), len(items["item_id"]),
                   cfg.history_length,
                   {name: int(counts[k]) for k, name in enumerate(splits.SPLIT_NAMES)})
-  return dict(tables=tables, schema=schema)
+  carried = None
+  if cfg.get("carried_history"):
+    with FileSystems.open(cfg.carried_history) as f:
+      carried = CarriedHistories.load(io.BytesIO(f.read())).rows(
+          users["user_id"], registry.vocab("item_id"), cfg.history_length)
+  return dict(tables=tables, schema=schema, carried=carried)
 
 
 # ----------------------------------------------------------------------------- examples
@@ -286,6 +294,10 @@ def user_examples(item: tuple[int, Any], catalog: dict, file_offsets: dict[int, 
   order, user_start, position, history = prepare_lib.history_order(
       user, item_rows, block["timestamp"], split == splits.TRAIN, len(local_rows), item_id_index,
       schema.history_length)
+  carried = None
+  if catalog["carried"] is not None:
+    carried = catalog["carried"][local_rows]
+    history = with_carried(history, carried)
   prep = prepare_lib._Prepared(
       schema=schema, tables={"user.history": history}, user=user, item=item_rows,
       timestamp=block["timestamp"],
@@ -293,7 +305,8 @@ def user_examples(item: tuple[int, Any], catalog: dict, file_offsets: dict[int, 
       weight=prepare_lib.balance_users(block["weight"], user, split == splits.TRAIN,
                                        user_weight_exponent),
       split=split, train_order=order,
-      train_user_start=user_start, train_position=position, item_id_index=item_id_index)
+      train_user_start=user_start, train_position=position, item_id_index=item_id_index,
+      carried=carried)
   file_index = block["position"] >> _POSITION_BITS
   offsets = np.array([file_offsets[f] for f in range(int(file_index.max()) + 1)], np.int64)
   keys = offsets[file_index] + (block["position"] & ((1 << _POSITION_BITS) - 1))
@@ -380,7 +393,9 @@ def finish(catalog: dict, histories: list, pairs: list, shards: list, sizes: dic
   received no example, and the shard lengths for the launcher (`_beam_splits.json`)."""
   schema = catalog["schema"]
   tables = dict(catalog["tables"])
-  history = np.full((schema.num_users, schema.history_length), PAD, np.int32)
+  # Users without interactions here keep their carried history, as in process.
+  history = (np.full((schema.num_users, schema.history_length), PAD, np.int32)
+             if catalog["carried"] is None else catalog["carried"].copy())
   for rows, values in histories:
     history[rows] = values
   tables["user.history"] = history

@@ -34,7 +34,8 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pipelines import logs, records, sources, splits, synthetic
+from pipelines import histories, logs, records, sources, splits, synthetic
+from pipelines.histories import CarriedHistories
 from pipelines.schema import PAD, Feature, Schema
 from pipelines.sources import DataError, RawData
 from pipelines.vocab import Vocabulary
@@ -45,7 +46,7 @@ VERSION = "1.0.0"
 # The parts of config.data that change the prepared data (the rest only changes how it is read).
 _BUILD_KEYS = ("source", "source_dir", "synthetic", "logs", "split", "history_length",
                "training_history", "num_oov_buckets", "min_count", "max_bag_length",
-               "weight_column", "user_weight_exponent", "id_registry")
+               "weight_column", "user_weight_exponent", "id_registry", "carried_history")
 
 
 def example_features(history_length: int) -> tfds.features.FeaturesDict:
@@ -68,8 +69,9 @@ def build_settings(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     del settings["synthetic"]["date"], settings["synthetic"]["world"]
   if settings["source"] != "logs":
     settings.pop("logs")
-  if not settings.get("id_registry"):
-    settings.pop("id_registry", None)  # vocabularies of this build alone (the name is unchanged)
+  for key in ("id_registry", "carried_history"):  # nightly-only: unset, build names are unchanged
+    if not settings.get(key):
+      settings.pop(key, None)
   # Keys added since builds were first named, at their defaults: the names of existing builds hold.
   if not settings.get("user_weight_exponent"):
     settings.pop("user_weight_exponent", None)
@@ -119,6 +121,9 @@ class _Prepared:
   train_user_start: np.ndarray  # per position of train_order: where that user's run starts
   train_position: np.ndarray  # per interaction: its position in train_order (training ones only)
   item_id_index: np.ndarray  # item row -> item-ID vocabulary index
+  # [num_users, history_length] items carried from earlier days (data.carried_history), older than
+  # any of this build's; None without.
+  carried: np.ndarray | None = None
 
 
 def _feature_table(raw_col, entity_in_train: np.ndarray, kind: str, cfg, name: str,
@@ -229,10 +234,12 @@ def balance_users(weight: np.ndarray, user: np.ndarray, train: np.ndarray,
 
 
 def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict,
-                   registry: Registry | None = None) -> _Prepared:
+                   registry: Registry | None = None,
+                   carried: CarriedHistories | None = None) -> _Prepared:
   """Everything except writing: split, vocabularies, tables and history order. With an ID
   registry (config.data.id_registry), IDs and tokens take its rows instead of vocabularies of
-  this data alone."""
+  this data alone; with carried histories (config.data.carried_history), every history goes on
+  with the user's items of earlier days."""
   inter = raw.interactions
   if "user_row" in inter:  # the source gives table rows (pipelines.logs)
     user, item = inter["user_row"], inter["item_row"]
@@ -263,10 +270,14 @@ def prepare_arrays(raw: RawData, cfg: ml_collections.ConfigDict,
     raise ConfigError("data.history_length must be >= 1")
   train_order, train_user_start, train_position, tables["user.history"] = history_order(
       user, item, timestamp, train, num_users, item_id_index, cfg.history_length)
+  carried_rows = None
+  if carried is not None:
+    carried_rows = carried.rows(raw.users["user_id"], registry.vocab("item_id"), cfg.history_length)
+    tables["user.history"] = histories.with_carried(tables["user.history"], carried_rows)
   split_sizes = {name: int((split == k).sum()) for k, name in enumerate(splits.SPLIT_NAMES)}
   schema = Schema(tuple(features), num_users, num_items, cfg.history_length, split_sizes)
   return _Prepared(schema, tables, user, item, timestamp, weight, split, train_order,
-                   train_user_start, train_position, item_id_index)
+                   train_user_start, train_position, item_id_index, carried_rows)
 
 
 def _example_columns(prep: _Prepared, split_id: int, training_history: str,
@@ -280,6 +291,8 @@ def _example_columns(prep: _Prepared, split_id: int, training_history: str,
     valid = src >= prep.train_user_start[pos][:, None]
     sorted_items = prep.item_id_index[prep.item[prep.train_order[np.maximum(src, 0)]]]
     history = np.where(valid, sorted_items, PAD).astype(np.int32)
+    if prep.carried is not None:  # the user's items of earlier days come before all of these
+      history = histories.with_carried(history, prep.carried[user])
   else:
     history = prep.tables["user.history"][user]
     if split_id == splits.TRAIN:  # "others"
@@ -301,6 +314,12 @@ def _write_side_files(prep: _Prepared, path: str, planted) -> None:
     planted.save(os.path.join(path, "planted.npz"))
   with open(os.path.join(path, "schema.json"), "w") as f:
     f.write(prep.schema.to_json())
+
+
+def check_carried_history(cfg: ml_collections.ConfigDict) -> None:
+  if cfg.get("carried_history") and not cfg.get("id_registry"):
+    raise ConfigError("data.carried_history holds raw item IDs that only an ID registry maps to "
+                      "stable rows: set data.id_registry too (python -m launch.nightly sets both)")
 
 
 def training_history_mode(cfg: ml_collections.ConfigDict) -> str:
@@ -361,7 +380,9 @@ class _InteractionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     raw, planted = self._load(cfg)
     clock.lap("read")
     registry = Registry.load(cfg.id_registry) if cfg.get("id_registry") else None
-    prep = prepare_arrays(raw, cfg, registry)
+    check_carried_history(cfg)
+    carried = CarriedHistories.load(cfg.carried_history) if cfg.get("carried_history") else None
+    prep = prepare_arrays(raw, cfg, registry, carried)
     del raw
     clock.lap("arrays")
     _write_side_files(prep, self.data_dir, planted)  # self.data_dir is the incomplete.* directory

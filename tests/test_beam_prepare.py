@@ -95,10 +95,12 @@ def test_beam_prepares_the_same_dataset(tmp_path, fmt, split_kind, training_hist
   assert "user.history.npy" in tables and ("item.tags.npy" in tables or fmt == "adjacency")
 
 
-def test_beam_prepares_the_same_dataset_on_a_nightly_id_registry(tmp_path):
+def test_beam_prepares_the_same_dataset_on_a_nightly_registry_and_histories(tmp_path):
+  from pipelines.histories import CarriedHistories
   from pipelines.prepare import load_raw
   from two_tower import registry as registry_lib
   cfg = _cfg(_files(tmp_path, "parquet"), "parquet", "temporal_last_n", "before")
+  cfg.history_length = 24  # more than most users' items: histories reach into the carried ones
   raw, _ = load_raw(cfg)
   # min_count=16 (items average 15 interactions): the rarer IDs share a hashed bucket row.
   registry, _ = registry_lib.advance(
@@ -106,7 +108,18 @@ def test_beam_prepares_the_same_dataset_on_a_nightly_id_registry(tmp_path):
       registry_lib.RegistryConfig(min_count=16, expire_after_days=0, chunk=16, num_oov=1))
   cfg.id_registry = str(tmp_path / "registry.npz")
   registry.save(cfg.id_registry)
+  # Earlier days' histories: some of these users and others, raw item IDs with gaps ("").
+  rng = np.random.default_rng(0)
+  users = np.unique(np.r_[[f"u{u}" for u in range(0, 60, 2)], ["gone1", "gone2"]])
+  items = rng.integers(0, 90, (len(users), 24)).astype(str)  # 80..89: not in the registry
+  items[rng.random(items.shape) < 0.2] = ""
+  cfg.carried_history = str(tmp_path / "histories.npz")
+  CarriedHistories(users, items).save(cfg.carried_history)
   ours, _ = _assert_same_dataset(cfg, tmp_path)
+  cfg.carried_history = ""
+  alone = prepare(cfg, str(tmp_path / "alone"))
+  filled = lambda d: int((np.load(os.path.join(d.path, "tables", "user.history.npy")) > 0).sum())
+  assert filled(ours) > filled(alone)
   item_rows = np.load(os.path.join(ours.path, "tables", "item.item_id.npy"))
   assert ours.schema.feature("item_id").vocab_size == registry.vocab("item_id").capacity
   assert (item_rows == 1).any() and (item_rows > 1).any()  # bucketed and own rows
@@ -199,3 +212,12 @@ def test_cluster_launch_options_are_beams_own():
   options = beam_prepare.pipeline_options("FlinkRunner", shlex.join(dataflow.beam_options(args)))
   assert options.view_as(po.FlinkRunnerOptions).flink_master == "fl:8081"
   assert options.view_as(po.PortableOptions).environment_config == "reg/tt:1"
+
+
+def test_carried_histories_need_an_id_registry(tmp_path):
+  cfg = _cfg(_files(tmp_path, "parquet", n=50), "parquet", "temporal_last_n", "auto")
+  cfg.carried_history = str(tmp_path / "histories.npz")
+  for runner in ("", "DirectRunner"):
+    with pytest.raises(UserError, match=r"data.carried_history .* set data.id_registry too"):
+      prepare(cfg, str(tmp_path / "data"), beam_runner=runner)
+    assert not glob.glob(str(tmp_path / "data" / "logs" / "*" / "*" / "*.array_record*"))

@@ -21,7 +21,7 @@ def tiny_nightly_config():
   c = nightly.get_config()
   c.data.synthetic.update(num_users=300, num_items=200, num_categories=8)
   c.data.synthetic.world.update(interactions_per_day=3000, new_items_per_day=0.05)
-  c.data.history_length = 8
+  c.data.history_length = 32  # more than a user's items of a day: histories reach back a day
   c.train.update(batch_size=256, num_epochs=2.0, log_every_steps=5, checkpoint_every_steps=4)
   c.eval.user_batch_size = 128
   c.index.update(calibration_queries=50, validation_queries=50)
@@ -264,6 +264,7 @@ def two_days(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_days_streaming(tmp_path_factory):
   config = tiny_nightly_config()
+  config.model.item_bias = True  # as two_days: the two differ only in the logQ estimator
   config.loss.update(logq_estimator="streaming", logq_half_life_steps=3.0)
   return _two_days(str(tmp_path_factory.mktemp("warm_streaming")), config)
 
@@ -597,6 +598,67 @@ def test_days_are_recorded_published_and_warm_started(after_day1, after_day2):
     with open(os.path.join(after_day2, "report", name), "rb") as f:
       head = f.read(9)
     assert head.startswith(b"\x89PNG" if name.endswith(".png") else b"<!doctype"), name
+
+
+def test_histories_go_on_with_the_users_items_of_earlier_days(after_day2):
+  from pipelines.histories import CarriedHistories
+  from two_tower.registry import Registry
+  from two_tower.workdir import Workdir
+  from launch import nightly_jobs
+  day1, day2 = (os.path.join(after_day2, "days", d) for d in (DAY1, DAY2))
+  config2 = Workdir(day2).config()
+  assert config2.data.carried_history == os.path.join(day1, nightly_jobs.HISTORIES)
+  data2 = Workdir(day2).prepare_data(config2)
+  carried1 = CarriedHistories.load(os.path.join(day1, nightly_jobs.HISTORIES))
+  items2 = Registry.load(os.path.join(day2, nightly_jobs.REGISTRY)).vocab("item_id")
+  length = data2.schema.history_length
+  users = np.asarray(data2.table("user", "raw_id"))
+  history = np.asarray(data2.table("user", "history"))
+  train_user, train_item = data2.pairs("train")
+  own = np.minimum(np.bincount(train_user, minlength=len(users)), length)
+  earlier = carried1.rows(users, items2, length)
+  item_rows = np.asarray(data2.table("item", "item_id"))
+  checked = 0
+  for u in range(len(users)):
+    k = own[u]
+    # The day's own training items first (most recent first), then the carried ones.
+    assert set(history[u, :k]) <= set(item_rows[train_item[train_user == u]]), u
+    np.testing.assert_array_equal(history[u, k:], earlier[u, :length - k], err_msg=str(u))
+    checked += bool(k < length and (earlier[u] > 0).any())
+  assert checked > 10  # users active both days whose history reaches back into day 1
+  # What day 3 carries: day 2's users as above, day 1's other users unchanged.
+  carried2 = CarriedHistories.load(os.path.join(day2, nightly_jobs.HISTORIES))
+  assert set(carried2.user_ids) == set(carried1.user_ids) | set(users.astype(str))
+  only1 = np.setdiff1d(carried1.user_ids, users.astype(str))
+  assert len(only1) > 0
+  np.testing.assert_array_equal(carried2.items[np.searchsorted(carried2.user_ids, only1)],
+                                carried1.items[np.searchsorted(carried1.user_ids, only1)])
+
+
+def test_carried_histories_follow_each_training_examples_own_in_before_mode():
+  from pipelines import histories, splits
+  from pipelines.histories import CarriedHistories
+  cfg = tiny_nightly_config().data
+  cfg.split.kind = "temporal_last_n"  # training_history "before": each example's earlier items
+  rcfg = registry_lib.RegistryConfig(min_count=1, expire_after_days=0, chunk=32, num_oov=1)
+  raw1, _ = synthetic.generate_day(cfg.synthetic, DAY1)
+  registry1, _ = registry_lib.advance(registry_lib.Registry.empty(), raw1, 1, rcfg)
+  prep1 = prepare.prepare_arrays(raw1, cfg, registry1)
+  carried = CarriedHistories.empty(cfg.history_length).merged(
+      raw1.users["user_id"], prep1.tables["user.history"], registry1.vocab("item_id"))
+  raw2, _ = synthetic.generate_day(cfg.synthetic, DAY2)
+  registry2, _ = registry_lib.advance(registry1, raw2, 2, rcfg)
+  alone = prepare.prepare_arrays(raw2, cfg, registry2)
+  went_on = prepare.prepare_arrays(raw2, cfg, registry2, carried)
+  train = np.flatnonzero(alone.split == splits.TRAIN)
+  own = prepare._example_columns(alone, splits.TRAIN, "before", train)["history"]
+  got = prepare._example_columns(went_on, splits.TRAIN, "before", train)["history"]
+  earlier = carried.rows(raw2.users["user_id"], registry2.vocab("item_id"), cfg.history_length)
+  np.testing.assert_array_equal(got, histories.with_carried(own, earlier[alone.user[train]]))
+  # A user's first example of the day has only earlier days' items.
+  first = (own == 0).all(axis=1) & (earlier[alone.user[train]] > 0).any(axis=1)
+  assert first.sum() > 10
+  np.testing.assert_array_equal(got[first], earlier[alone.user[train]][first])
 
 
 def test_rerunning_a_finished_day_does_nothing_and_earlier_dates_are_refused(after_day2, tmp_path):
