@@ -3,7 +3,8 @@
 A day's build reads only that day's interactions, so without this each user's history would start
 empty every day. The carried histories hold, for every user seen so far, their latest
 `history_length` training items as raw item IDs (not table rows: an evicted item's row is reused
-by another ID, and raw IDs are looked up through the day's registry like any other). A day's
+by another ID, and raw IDs are looked up through the day's registry like any other), each stored
+once with an int32 index per slot. A day's
 histories are its own training items, most recent first, followed by the carried ones
 (`with_carried`); what the next day carries is every user's history after the day (`merged`).
 """
@@ -22,21 +23,39 @@ from two_tower.registry import VocabRegistry
 @dataclasses.dataclass(frozen=True)
 class CarriedHistories:
   user_ids: np.ndarray  # [U] raw user IDs as text, sorted
-  items: np.ndarray  # [U, L] raw item IDs as text, most recent first; "" where none
+  item_ids: np.ndarray  # [M] the raw item IDs the histories name, as text, sorted
+  items: np.ndarray  # [U, L] int32 indices into item_ids, most recent first; -1 where none
 
   @classmethod
   def empty(cls, length: int) -> CarriedHistories:
-    return cls(np.zeros(0, "<U1"), np.zeros((0, length), "<U1"))
+    return cls(np.zeros(0, "<U1"), np.zeros(0, "<U1"), np.zeros((0, length), np.int32))
+
+  @classmethod
+  def from_raw(cls, user_ids, items) -> CarriedHistories:
+    """From raw IDs: [U] distinct users and [U, L] their items, most recent first ("" where none)."""
+    user_ids, items = np.asarray(user_ids).astype(str), np.asarray(items).astype(str)
+    item_ids, index = np.unique(items, return_inverse=True)
+    index = index.reshape(items.shape).astype(np.int32)
+    if len(item_ids) and item_ids[0] == "":  # "" sorts first: it means none
+      item_ids, index = item_ids[1:], index - 1
+    order = np.argsort(user_ids, kind="stable")
+    return cls(user_ids[order], item_ids, index[order])
+
+  def raw_items(self) -> np.ndarray:
+    """[U, L] the histories as raw item IDs ("" where none)."""
+    if not len(self.item_ids):
+      return np.full(self.items.shape, "", "<U1")
+    return np.where(self.items >= 0, self.item_ids[np.maximum(self.items, 0)], "")
 
   @classmethod
   def load(cls, path) -> CarriedHistories:
     """From a path, or a binary file object."""
     with np.load(path, allow_pickle=False) as z:
-      return cls(z["user_ids"], z["items"])
+      return cls(z["user_ids"], z["item_ids"], z["items"])
 
   def save(self, path: str) -> None:
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
-      np.savez(f, user_ids=self.user_ids, items=self.items)
+      np.savez(f, user_ids=self.user_ids, item_ids=self.item_ids, items=self.items)
 
   def rows(self, user_ids, item_vocab: VocabRegistry, length: int) -> np.ndarray:
     """[len(user_ids), length] the carried items of these users as rows of `item_vocab` (an ID
@@ -48,8 +67,8 @@ class CarriedHistories:
     pos = np.minimum(np.searchsorted(self.user_ids, user_ids), len(self.user_ids) - 1)
     found = self.user_ids[pos] == user_ids
     items = self.items[pos[found], :length]
-    rows = item_vocab.lookup(items.ravel()).reshape(items.shape).astype(np.int32)
-    out[found, :items.shape[1]] = np.where(items != "", rows, PAD)
+    item_rows = item_vocab.lookup(self.item_ids) if len(self.item_ids) else np.zeros(1, np.int32)
+    out[found, :items.shape[1]] = np.where(items >= 0, item_rows[np.maximum(items, 0)], PAD)
     return out
 
   def merged(self, user_ids, history_rows: np.ndarray, item_vocab: VocabRegistry
@@ -58,20 +77,18 @@ class CarriedHistories:
     (`history_rows`: the day's `user.history` table, rows of `item_vocab`, carried items
     included). Items without a row of their own (a hashed bucket) have no ID to carry."""
     user_ids = np.asarray(user_ids).astype(str)
-    owners = item_vocab.owners()
-    items = np.where(history_rows < len(owners), owners[np.minimum(history_rows, len(owners) - 1)],
-                     "")
-    # Keep each row's items first (a bucket or padding becomes ""): the slots stay most recent first.
-    order = np.argsort(items == "", axis=1, kind="stable")
-    items = np.take_along_axis(items, order, axis=1)
-    kept = ~np.isin(self.user_ids, user_ids)
-    all_ids = np.concatenate([self.user_ids[kept], user_ids])
     length = history_rows.shape[1]
-    old = self.items[kept][:, :length]
-    all_items = np.concatenate([np.pad(old, [(0, 0), (0, length - old.shape[1])],
-                                       constant_values=""), items])
-    order = np.argsort(all_ids, kind="stable")
-    return CarriedHistories(all_ids[order], all_items[order])
+    owners = item_vocab.owners()
+    raw = owners[np.minimum(history_rows, len(owners) - 1)]
+    raw[history_rows >= len(owners)] = ""
+    # Keep each row's items first (a bucket or padding has no ID): most recent first still.
+    raw = np.take_along_axis(raw, np.argsort(raw == "", axis=1, kind="stable"), axis=1)
+    kept = ~np.isin(self.user_ids, user_ids)
+    old = np.full((int(kept.sum()), length), "", dtype=object)
+    width = min(length, self.items.shape[1])
+    old[:, :width] = self.raw_items()[kept, :width]
+    return CarriedHistories.from_raw(np.concatenate([self.user_ids[kept], user_ids]),
+                                     np.concatenate([old.astype(str), raw.astype(str)]))
 
 
 def with_carried(history: np.ndarray, carried: np.ndarray) -> np.ndarray:

@@ -114,7 +114,7 @@ def test_beam_prepares_the_same_dataset_on_a_nightly_registry_and_histories(tmp_
   items = rng.integers(0, 90, (len(users), 24)).astype(str)  # 80..89: not in the registry
   items[rng.random(items.shape) < 0.2] = ""
   cfg.carried_history = str(tmp_path / "histories.npz")
-  CarriedHistories(users, items).save(cfg.carried_history)
+  CarriedHistories.from_raw(users, items).save(cfg.carried_history)
   ours, _ = _assert_same_dataset(cfg, tmp_path)
   cfg.carried_history = ""
   alone = prepare(cfg, str(tmp_path / "alone"))

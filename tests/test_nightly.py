@@ -170,6 +170,26 @@ def test_registry_min_count_buckets_and_eviction_reuse(tmp_path):
   assert os.listdir(tmp_path) == ["registry.npz"]  # no temporary file left
 
 
+def test_carried_histories_name_items_by_id_so_a_reused_row_is_not_confused():
+  from pipelines.histories import CarriedHistories
+  v1, _ = _advance(registry_lib.VocabRegistry.empty(num_oov=1, chunk=8), ["a", "b"], 0,
+                   expire_after_days=1)
+  # The user's day-0 history [b, a] (rows), plus a bucket row (1) and padding.
+  day0 = np.array([[v1.lookup(["b"])[0], v1.lookup(["a"])[0], 1, 0]], np.int32)
+  carried = CarriedHistories.empty(4).merged(["u"], day0, v1)
+  assert carried.raw_items().tolist() == [["b", "a", "", ""]]  # the bucket has no ID to carry
+  # Day 2: "a" was evicted and its row reused by "c"; "b" keeps its row.
+  v2, change = _advance(v1, ["b", "c"], 2, expire_after_days=1)
+  assert change.evicted.tolist() == ["a"] and v2.lookup(["c"])[0] == v1.lookup(["a"])[0]
+  rows = carried.rows(["u", "stranger"], v2, 4)
+  assert rows[0].tolist() == [v2.lookup(["b"])[0], 1, 0, 0]  # "a" is now unknown: its bucket
+  assert rows[1].tolist() == [0, 0, 0, 0]
+  # A later day keeps users it did not see and replaces those it did.
+  later = carried.merged(["w"], np.array([[v2.lookup(["c"])[0], 0, 0, 0]], np.int32), v2)
+  assert later.user_ids.tolist() == ["u", "w"]
+  assert later.raw_items().tolist() == [["b", "a", "", ""], ["c", "", "", ""]]
+
+
 def test_registry_capacity_is_a_multiple_of_the_row_multiple():
   cfg = tiny_nightly_config()
   raw, _ = synthetic.generate_day(cfg.data.synthetic, "2026-01-01")
@@ -631,8 +651,8 @@ def test_histories_go_on_with_the_users_items_of_earlier_days(after_day2):
   assert set(carried2.user_ids) == set(carried1.user_ids) | set(users.astype(str))
   only1 = np.setdiff1d(carried1.user_ids, users.astype(str))
   assert len(only1) > 0
-  np.testing.assert_array_equal(carried2.items[np.searchsorted(carried2.user_ids, only1)],
-                                carried1.items[np.searchsorted(carried1.user_ids, only1)])
+  np.testing.assert_array_equal(carried2.raw_items()[np.searchsorted(carried2.user_ids, only1)],
+                                carried1.raw_items()[np.searchsorted(carried1.user_ids, only1)])
 
 
 def test_carried_histories_follow_each_training_examples_own_in_before_mode():
