@@ -84,6 +84,19 @@ def define_workdir() -> flags.FlagHolder:
                              required=True)
 
 
+def define_beam_flags() -> tuple[flags.FlagHolder, flags.FlagHolder]:
+  """--beam_runner and --beam_options: prepare data as an Apache Beam pipeline."""
+  runner = flags.DEFINE_string(
+      "beam_runner", "", "Prepare data as an Apache Beam pipeline on this runner (DirectRunner, "
+      "DataflowRunner, FlinkRunner, SparkRunner; pip install -e '.[beam]'); empty: in this "
+      "process.")
+  options = flags.DEFINE_string(
+      "beam_options", "", "The Beam runner's options, as its command line (e.g. "
+      "\"--direct_num_workers=2 --direct_running_mode=multi_processing\", or Dataflow's "
+      "--project, --region, --temp_location, ...).")
+  return runner, options
+
+
 def start() -> None:
   """Starts jax.distributed when the flags, env vars or the cluster say so: before anything touches
   JAX devices."""

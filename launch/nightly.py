@@ -41,6 +41,9 @@ _ITEMS = flags.DEFINE_string("items", "", "The current item table (CSV/TSV/Parqu
                              "item feature columns); its items without interactions are indexed.")
 _USERS = flags.DEFINE_string("users", "", "The current user table (CSV/TSV/Parquet: user ID and "
                              "user feature columns).")
+# The day's prepare stage as a Beam pipeline (data.source='logs' with a temporal_last_n or
+# predefined split); the other stages run here.
+_BEAM_RUNNER, _BEAM_OPTIONS = common.define_beam_flags()
 
 
 def resolve_date(date: str, today: datetime.date | None = None) -> str:
@@ -80,7 +83,7 @@ def with_day_files(config, interactions: list[str] | None, items: str, users: st
 
 
 def run(config, workdir: str, date: str, force: bool, interactions: list[str] | None = None,
-        items: str = "", users: str = "") -> None:
+        items: str = "", users: str = "", beam_runner: str = "", beam_options: str = "") -> None:
   date = resolve_date(date)
   config_given = config is not None
   if config is None:
@@ -91,7 +94,8 @@ def run(config, workdir: str, date: str, force: bool, interactions: list[str] | 
     raise UserError("this work directory reads files (data.source='logs'): give the day's "
                     "--interactions (and --items / --users), or a --config naming them")
   config = with_day_files(config, interactions, items, users)
-  summary = nightly_jobs.run_day(workdir, date, config, force=force)
+  summary = nightly_jobs.run_day(workdir, date, config, force=force, beam_runner=beam_runner,
+                                 beam_options=beam_options)
   common.print_json(f"day {date}", {k: summary[k] for k in (
       "published", "parent", "model_step", "num_users", "num_items", "new_users", "new_items",
       "cold_items", "evicted", "gate", "index_version", "candidates", "seconds")})
@@ -104,7 +108,8 @@ def main(argv):
       os.path.join(os.path.abspath(_WORKDIR.value), nightly_jobs.JAX_CACHE))
   common.start()
   common.run_cli(lambda: run(common.loaded_config(_CONFIG), _WORKDIR.value, _DATE.value,
-                             _FORCE.value, _INTERACTIONS.value, _ITEMS.value, _USERS.value))
+                             _FORCE.value, _INTERACTIONS.value, _ITEMS.value, _USERS.value,
+                             _BEAM_RUNNER.value, _BEAM_OPTIONS.value))
 
 
 if __name__ == "__main__":

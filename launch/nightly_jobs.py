@@ -222,8 +222,10 @@ def _check_inputs(life: Lifecycle, config: ml_collections.ConfigDict) -> dict | 
 class _Day:
   """One day's run: its directories, config, parent and recorded progress."""
 
-  def __init__(self, life: Lifecycle, config: ml_collections.ConfigDict, date: str, hook: Hook):
+  def __init__(self, life: Lifecycle, config: ml_collections.ConfigDict, date: str, hook: Hook,
+               beam_runner: str = "", beam_options: str = ""):
     self.life, self.date, self.hook = life, date, hook
+    self.beam_runner, self.beam_options = beam_runner, beam_options  # the prepare stage's
     self.dir = life.day_dir(date)
     self.config = day_config(config, self.dir, date, life.histories_before(date))
     self.workdir = Workdir(self.dir)
@@ -285,7 +287,7 @@ class _Day:
     today, changes = registry_lib.advance(parent, raw, day, _registry_config(self.config))
     today.save(os.path.join(self.dir, REGISTRY))
     self.workdir.bind(self.config)
-    data = self.workdir.prepare_data(self.config)
+    data = self.workdir.prepare_data(self.config, self.beam_runner, self.beam_options)
     carried = (CarriedHistories.load(self.config.data.carried_history)
                if self.config.data.carried_history
                else CarriedHistories.empty(data.schema.history_length))
@@ -481,10 +483,12 @@ class _Day:
 
 
 def run_day(workdir: str, date: str, config: ml_collections.ConfigDict | None = None, *,
-            force: bool = False, hook: Hook = _no_hook, log: Callable[[str], None] = print) -> dict:
+            force: bool = False, hook: Hook = _no_hook, log: Callable[[str], None] = print,
+            beam_runner: str = "", beam_options: str = "") -> dict:
   """Runs (or finishes, after a crash) day `date` of the nightly work directory `workdir`; returns
   its summary. Raises GateFailed (after recording the day, nothing published) when the new model
-  fails the gate and not `force`."""
+  fails the gate and not `force`. With `beam_runner`, the day's data is prepared as a Beam
+  pipeline on it (`beam_options`: its command line), giving the same dataset."""
   if jax.process_count() > 1:
     raise NightlyError("the nightly job runs in one process for now")
   life = Lifecycle(workdir)
@@ -504,7 +508,7 @@ def run_day(workdir: str, date: str, config: ml_collections.ConfigDict | None = 
   life.bind(config)
   if first_inputs is not None:
     atomic.write_json(life.path(INPUTS), first_inputs)
-  day = _Day(life, config, date, hook)
+  day = _Day(life, config, date, hook, beam_runner, beam_options)
   if summary is not None:  # a day that failed its gate, published now with --force
     os.unlink(os.path.join(day.dir, "summary.json"))
   stages = {"prepare": day.prepare, "train": day.train, "evaluate": day.evaluate,

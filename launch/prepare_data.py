@@ -6,21 +6,13 @@ and DataflowRunner, FlinkRunner or SparkRunner on a cluster (launch/cluster/data
 """
 
 from absl import app
-from absl import flags
 
 from launch import common
 from two_tower.workdir import Workdir
 
 _CONFIG = common.define_config()
 _WORKDIR = common.define_workdir()
-_BEAM_RUNNER = flags.DEFINE_string(
-    "beam_runner", "", "Prepare as an Apache Beam pipeline on this runner (DirectRunner, "
-    "DataflowRunner, FlinkRunner, SparkRunner); empty: in this process.")
-_BEAM_OPTIONS = flags.DEFINE_string(
-    "beam_options", "", "The Beam runner's options, as its command line (e.g. "
-    "\"--direct_num_workers=2 --direct_running_mode=multi_processing\", or Dataflow's --project, "
-    "--region, --temp_location, ...).")
-
+_BEAM_RUNNER, _BEAM_OPTIONS = common.define_beam_flags()
 
 def main(argv):
   del argv

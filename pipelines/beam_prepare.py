@@ -75,7 +75,6 @@ def check_supported(cfg: ml_collections.ConfigDict) -> None:
         f"of {_SUPPORTED_SPLITS}, not {cfg.split.kind!r} (which needs every interaction in one "
         "process): change the split or run without --beam_runner")
   unsupported = [key for key, on in (("data.weight_column", cfg.weight_column),
-                                     ("data.logs.allow_empty", cfg.logs.get("allow_empty")),
                                      ("data.logs.validation_from_train",
                                       cfg.logs.get("validation_from_train"))) if on]
   prepare_lib.check_carried_history(cfg)
@@ -108,7 +107,7 @@ def read_file(entry: tuple[int, str, int | None], logs_cfg: dict) -> Iterator[Bl
   position; bad values raise logs' DataErrors naming the file and row."""
   file_index, path, file_split = entry
   cfg = ml_collections.ConfigDict(logs_cfg)
-  fmt = cfg.format.lower()
+  fmt = _file_format(path, cfg)
   base = np.int64(file_index) << _POSITION_BITS
   if fmt == "adjacency":
     users, items = logs._read_adjacency(path)
@@ -150,13 +149,34 @@ def read_file(entry: tuple[int, str, int | None], logs_cfg: dict) -> Iterator[Bl
                     "remove it from data.logs.files or regenerate it")
 
 
-def num_user_buckets(files: list[tuple[str, Any]], fmt: str) -> int:
+def holds_no_interactions(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether every interaction file of config.data `cfg` is empty (data.logs.allow_empty: a
+  nightly day without interactions, which has nothing to distribute). Reads at most one batch of
+  each file."""
+  logs_cfg = cfg.logs
+  if not logs_cfg.get("allow_empty") or logs_cfg.format.lower() == "adjacency":
+    return False
+  for path, _ in logs.log_files(logs_cfg, cfg.source_dir):
+    fmt = _file_format(path, logs_cfg)
+    for _, batch in logs._batches(path, fmt, "\t" if fmt == "tsv" else ",", [logs_cfg.user_id]):
+      if batch.num_rows:
+        return False
+  return True
+
+
+def _file_format(path: str, logs_cfg) -> str:
+  """A file's format, as the in-process reader takes it: by its extension, else data.logs.format."""
+  fmt = logs_cfg.format.lower()
+  return fmt if fmt == "adjacency" else logs.file_format(path, fmt)
+
+
+def num_user_buckets(files: list[tuple[str, Any]], logs_cfg) -> int:
   """USER_BUCKETS, or more for an input of more than USER_BUCKETS * ROWS_PER_BUCKET rows (Parquet:
   the footers' row counts; text: the file sizes)."""
   rows = 0
   for path, _ in files:
     fs, inner = logs._filesystem(path)
-    if fmt == "parquet":
+    if _file_format(path, logs_cfg) == "parquet":
       rows += pq.read_metadata(inner, filesystem=fs).num_rows
     else:
       rows += fs.get_file_info(inner).size // _CSV_BYTES_PER_ROW
@@ -240,6 +260,13 @@ def _raw_table(rows: Block, side: str, raw_features, multi_separators: dict[str,
   return table
 
 
+def _entity_table(cfg: ml_collections.ConfigDict, side: str) -> dict[str, Any]:
+  """The user or item table file of config.data `cfg`, read on this worker (through pyarrow's
+  file systems, like the interaction files; its size grows with the catalog, as this stage's)."""
+  return logs.entity_table(cfg.logs, side, logs.resolve_path(cfg.logs[f"{side}_table"],
+                                                             cfg.source_dir))
+
+
 def build_catalog(user_rows: list[Block], item_rows: list[Block], split_counts, cfg_json: str,
                   raw_features, multi_separators) -> dict[str, Any]:
   """The catalog from one row per user and item (on one worker: it grows with the distinct users
@@ -257,18 +284,31 @@ def build_catalog(user_rows: list[Block], item_rows: list[Block], split_counts, 
   if cfg.get("id_registry"):
     with FileSystems.open(cfg.id_registry) as f:
       registry = Registry.load(io.BytesIO(f.read()))
-  tables, features = prepare_lib.catalog_tables(
-      _raw_table(users, "user", raw_features, multi_separators),
-      _raw_table(items, "item", raw_features, multi_separators), raw_features,
-      users["in_train"], items["train_count"].astype(np.int64), cfg, registry)
-  schema = Schema(tuple(features), len(users["user_id"]), len(items["item_id"]),
+  user_table = _raw_table(users, "user", raw_features, multi_separators)
+  item_table = _raw_table(items, "item", raw_features, multi_separators)
+  in_train, train_count = users["in_train"], items["train_count"].astype(np.int64)
+  # Today's user and item tables (data.logs.user_table / item_table): their features win, and
+  # their entities without interactions (tonight's new items) join the catalog, as in process.
+  if cfg.logs.get("user_table"):
+    user_table, rows = logs.merge_entities(user_table, _entity_table(cfg, "user"), "user",
+                                           raw_features)
+    in_train = np.zeros(len(user_table["user_id"]), bool)
+    in_train[rows] = users["in_train"]
+  if cfg.logs.get("item_table"):
+    item_table, rows = logs.merge_entities(item_table, _entity_table(cfg, "item"), "item",
+                                           raw_features)
+    train_count = np.zeros(len(item_table["item_id"]), np.int64)
+    train_count[rows] = items["train_count"]
+  tables, features = prepare_lib.catalog_tables(user_table, item_table, raw_features, in_train,
+                                                train_count, cfg, registry)
+  schema = Schema(tuple(features), len(user_table["user_id"]), len(item_table["item_id"]),
                   cfg.history_length,
                   {name: int(counts[k]) for k, name in enumerate(splits.SPLIT_NAMES)})
   carried = None
   if cfg.get("carried_history"):
     with FileSystems.open(cfg.carried_history) as f:
       carried = CarriedHistories.load(io.BytesIO(f.read())).rows(
-          users["user_id"], registry.vocab("item_id"), cfg.history_length)
+          user_table["user_id"], registry.vocab("item_id"), cfg.history_length)
   return dict(tables=tables, schema=schema, carried=carried)
 
 
@@ -438,11 +478,12 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: ml_collections.ConfigDict, path
   """Adds the preparation of `cfg` (config.data), written into `path`, to `pipeline`."""
   check_supported(cfg)
   files = logs.log_files(cfg.logs, cfg.source_dir)
-  fmt = cfg.logs.format.lower()
   declared, needed = logs.columns_to_read(cfg.logs)
   list_columns: set[str] = set()
-  if fmt != "adjacency":  # the schemas (footers, headers) are checked here, before anything runs
-    schemas = {p: logs._file_schema(p, fmt, "\t" if fmt == "tsv" else ",") for p, _ in files}
+  if cfg.logs.format.lower() != "adjacency":  # schemas (footers, headers) checked before running
+    formats = {p: _file_format(p, cfg.logs) for p, _ in files}
+    schemas = {p: logs._file_schema(p, formats[p], "\t" if formats[p] == "tsv" else ",")
+               for p, _ in files}
     logs._check_schemas(schemas, needed)
     list_columns = {name for side in declared for kind, name in declared[side]
                     if kind == "multi" and logs._type_kind(schemas[files[0][0]][name]) == "list"}
@@ -452,7 +493,7 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: ml_collections.ConfigDict, path
   feature_keys = {side: [f"f:{f.name}" for f in raw_features if f.side == side]
                   for side in ("user", "item")}
   cfg_json = json.dumps(cfg.to_dict())
-  user_buckets = num_user_buckets(files, fmt)
+  user_buckets = num_user_buckets(files, cfg.logs)
   mode = prepare_lib.training_history_mode(cfg)
   logs_cfg = cfg.logs.to_dict()
 

@@ -552,18 +552,17 @@ def entity_table(cfg, side: str, path: str) -> dict[str, Any]:
   return table
 
 
-def with_entity_table(raw: RawData, side: str, table: dict[str, Any]) -> RawData:
-  """`raw` with its user or item table replaced by `table` plus the entities of the interactions
-  the table lacks (with their features from the interactions). An entity of the table without
-  interactions (a new item) is in the catalog with its features; the table's features win."""
-  old = raw.users if side == "user" else raw.items
+def merge_entities(old: dict[str, Any], table: dict[str, Any], side: str, features
+                   ) -> tuple[dict[str, Any], np.ndarray]:
+  """The user or item `table` plus the entities of `old` (one row per entity, as RawData holds
+  them) it lacks, in ID order, the table's features winning; and each old row's row in it."""
   key = f"{side}_id"
   old_ids, new_ids = np.asarray(old[key]).astype(str), np.asarray(table[key]).astype(str)
   only_old = ~np.isin(old_ids, new_ids)
   ids = np.concatenate([new_ids, old_ids[only_old]])
   order = np.argsort(ids, kind="stable")
   merged: dict[str, Any] = {key: ids[order]}
-  for f in raw.features:
+  for f in features:
     if f.side != side:
       continue
     if f.kind == "multi":
@@ -574,8 +573,16 @@ def with_entity_table(raw: RawData, side: str, table: dict[str, Any]) -> RawData
                                                                  if f.kind == "numeric" else str),
                                np.asarray(old[f.name])[only_old]])
       merged[f.name] = values[order]
+  return merged, np.searchsorted(merged[key], old_ids).astype(np.int32)
+
+
+def with_entity_table(raw: RawData, side: str, table: dict[str, Any]) -> RawData:
+  """`raw` with its user or item table replaced by `table` plus the entities of the interactions
+  the table lacks (with their features from the interactions). An entity of the table without
+  interactions (a new item) is in the catalog with its features; the table's features win."""
+  merged, rows = merge_entities(raw.users if side == "user" else raw.items, table, side,
+                                raw.features)
   interactions = dict(raw.interactions)
-  rows = np.searchsorted(merged[key], old_ids)  # each old row's position in the merged table
-  interactions[f"{side}_row"] = rows.astype(np.int32)[raw.interactions[f"{side}_row"]]
+  interactions[f"{side}_row"] = rows[raw.interactions[f"{side}_row"]]
   users, items = (merged, raw.items) if side == "user" else (raw.users, merged)
   return RawData(interactions=interactions, users=users, items=items, features=raw.features)

@@ -531,6 +531,8 @@ def prepare(data_cfg: ml_collections.ConfigDict, data_dir: str, beam_runner: str
     beam_runner_check(beam_runner)
     from pipelines import beam_prepare  # pylint: disable=g-import-not-at-top (an optional extra)
     beam_prepare.check_supported(data_cfg)
+    if beam_prepare.holds_no_interactions(data_cfg):
+      beam_runner = ""  # a day without interactions: only the catalog, prepared in process
   settings = build_settings(data_cfg)
   text = json.dumps(settings, sort_keys=True)
   name = hashlib.sha256(text.encode()).hexdigest()[:12]

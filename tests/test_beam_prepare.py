@@ -125,6 +125,20 @@ def test_beam_prepares_the_same_dataset_on_a_nightly_registry_and_histories(tmp_
   assert (item_rows == 1).any() and (item_rows > 1).any()  # bucketed and own rows
 
 
+def test_beam_prepares_the_same_dataset_with_user_and_item_tables(tmp_path):
+  cfg = _cfg(_files(tmp_path, "parquet"), "parquet", "predefined", "others")
+  rng = np.random.default_rng(1)
+  # Items 80..89 have no interactions (tonight's new items); users "u0".."u29" moved country.
+  pq.write_table(pa.table({"iid": np.arange(90), "price": rng.random(90).round(3),
+                           "tags": [["y", "w"][: 1 + i % 2] for i in range(90)]}),
+                 str(tmp_path / "items.parquet"))
+  pa_csv.write_csv(pa.table({"uid": [f"u{u}" for u in range(30)] + ["newcomer"],
+                             "country": ["jp"] * 31}), str(tmp_path / "users.csv"))
+  cfg.logs.update(item_table=str(tmp_path / "items.parquet"), user_table=str(tmp_path / "users.csv"))
+  ours, _ = _assert_same_dataset(cfg, tmp_path)
+  assert ours.schema.num_items == 90 and ours.schema.num_users == 61
+
+
 def _assert_same_dataset(cfg, tmp_path):
   """Prepares `cfg` in process and on Beam's DirectRunner, checks the two datasets are the same
   (schema, tables, pairs, serialized examples in order) and returns them."""
@@ -169,12 +183,23 @@ def test_split_that_needs_every_interaction_is_refused(tmp_path):
     prepare(cfg, str(tmp_path / "data"), beam_runner="DirectRunner")
 
 
-def test_nightly_only_settings_are_refused_by_name(tmp_path):
-  cfg = _cfg(_files(tmp_path, "parquet", n=50), "parquet", "temporal_last_n", "auto")
-  cfg.logs.allow_empty = True
-  with pytest.raises(UserError, match=r"does not support data.logs.allow_empty"):
-    prepare(cfg, str(tmp_path / "data"), beam_runner="DirectRunner")
-  assert not os.path.exists(tmp_path / "data")
+def test_a_day_without_interactions_is_prepared_in_process(tmp_path):
+  from pipelines.sources import DataError
+  full = _files(tmp_path, "parquet", n=50)
+  empty = str(tmp_path / "empty.parquet")
+  pq.write_table(_table(50, 0).slice(0, 0), empty)
+  pq.write_table(pa.table({"iid": np.arange(5), "price": np.ones(5), "tags": [["x"]] * 5}),
+                 str(tmp_path / "items.parquet"))
+  cfg = _cfg([empty], "parquet", "temporal_last_n", "auto")
+  cfg.logs.update(allow_empty=True, item_table=str(tmp_path / "items.parquet"))
+  data = prepare(cfg, str(tmp_path / "data"), beam_runner="DirectRunner")
+  assert list(data.builder.stage_seconds) != ["beam"]  # nothing to distribute
+  assert data.schema.num_items == 5 and sum(data.schema.split_sizes.values()) == 0
+  # An empty file among others is still refused, naming it (a failed export, not an empty day).
+  cfg.logs.files = (full[0], empty)
+  with pytest.raises(DataError, match=re.escape(f"input file {empty} has a header but no rows")):
+    prepare(cfg, str(tmp_path / "mixed"), beam_runner="DirectRunner")
+  assert not glob.glob(str(tmp_path / "mixed" / "logs" / "*" / "*" / "*.array_record*"))
 
 
 def test_bad_value_on_a_worker_names_file_and_row(tmp_path):

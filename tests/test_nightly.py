@@ -1000,3 +1000,41 @@ def test_user_and_item_tables_replace_features_and_add_entities(tmp_path):
   np.testing.assert_array_equal(merged.ids("item"), plain.ids("item"))
   assert sorted(merged.items["item_id"].tolist()) == sorted(np.asarray(raw.items["item_id"]).astype(str).tolist())
   assert len(merged.items["item_id"]) > len(plain.items["item_id"])
+
+
+def test_a_day_prepared_on_beam_is_the_day_prepared_in_process(tmp_path, monkeypatch):
+  pytest.importorskip("apache_beam")  # the `beam` extra; CI installs it with `test`
+  from launch import nightly
+  from pipelines import beam_prepare
+  from two_tower.workdir import Workdir
+  built = []  # the pipelines really built (a day prepared in process would pass the checks too)
+  build = beam_prepare.build_pipeline
+  monkeypatch.setattr(beam_prepare, "build_pipeline",
+                      lambda *args, **kw: built.append(args[2]) or build(*args, **kw))
+  config = logs_nightly_config()
+  config.data.split.kind = "temporal_last_n"  # a split the Beam path computes per user
+  config.train.num_epochs = 1.0
+  days = [write_day_files(tmp_path / "inputs", d, "parquet")[:2] for d in (DAY1, DAY2)]
+  roots = {runner: str(tmp_path / (runner or "in_process")) for runner in ("", "DirectRunner")}
+  for runner, root in roots.items():
+    for date, (interactions, items) in zip((DAY1, DAY2), days):
+      nightly.run(config, root, date, True, [interactions], items, beam_runner=runner)
+  data = {}
+  for runner, root in roots.items():
+    wd = Workdir(os.path.join(root, "days", DAY2))
+    data[runner] = wd.prepare_data(wd.config())
+  ours, beam = data[""], data["DirectRunner"]
+  assert len(built) == 2 and all(p.startswith(roots["DirectRunner"]) for p in built)
+  assert ours.schema == beam.schema
+  assert ours.schema.split_sizes["train"] > 0
+  for name in sorted(os.listdir(os.path.join(ours.path, "tables"))):
+    np.testing.assert_array_equal(*(np.load(os.path.join(d.path, "tables", name))
+                                    for d in (ours, beam)), err_msg=name)
+  for split in ("train", "validation", "test"):
+    source = lambda d: d.record_source(split)
+    assert [source(ours)[i] for i in range(len(source(ours)))] == [
+        source(beam)[i] for i in range(len(source(beam)))]
+  # The two lifecycles trained on the same data: the same model.
+  for name, value in _final_params(roots[""], DAY2).items():
+    np.testing.assert_array_equal(value, _final_params(roots["DirectRunner"], DAY2)[name],
+                                  err_msg=name)
