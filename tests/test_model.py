@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs.base import get_base_config
 from pipelines.schema import Feature, Schema
-from two_tower.model import TwoTower
+from two_tower.model import TwoTower, export_tables
 from two_tower.sharding import AXIS_RULES
 
 SCHEMA = Schema(
@@ -193,5 +193,8 @@ def test_item_bias_adds_a_learned_scalar_per_item_to_the_dot_product():
   with nnx.logical_axis_rules(AXIS_RULES):
     specs = nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
   assert specs["bias_tables"]["item_id"]["embedding"].get_value() == P("model", None)
+  exported = dict(export_tables(nnx.state(biased, nnx.Param), SCHEMA))
+  np.testing.assert_array_equal(exported["item/item_id_bias"], bias)
+  assert "item/item_id_bias" not in dict(export_tables(nnx.state(plain, nnx.Param), SCHEMA))
   with pytest.raises(ValueError, match="item_bias.*needs 'item_id'"):
     TwoTower(SCHEMA, _cfg(item_bias=True, item_features=("tags",)), rngs=nnx.Rngs(0))

@@ -210,9 +210,13 @@ def export_tables(params: nnx.State, schema: Schema) -> Iterator[tuple[str, np.n
   """Unsharded host copies of a TwoTower's embedding tables, one at a time (so host memory holds
   one table): ("user/<feature>" | "item/<feature>", [vocabulary rows, dim]). The rows added by
   config.mesh.table_row_multiple are dropped, so row i is vocabulary index i whatever the mesh or
-  padding the model trained with. A shared table appears on both sides."""
+  padding the model trained with. A shared table appears on both sides; the item bias
+  (model.item_bias) is "item/item_id_bias", [item-ID rows, 1]."""
   rows = {f.name: f.vocab_size for f in schema.features}
   for tower, side in (("query_tower", "user"), ("item_tower", "item")):
     tables = params[tower]["embedding"]["tables"]
     for name in sorted(tables.keys()):
       yield f"{side}/{name}", sharding.to_host(tables[name]["embedding"][...])[:rows[name]]
+  if "bias_tables" in params:
+    table = params["bias_tables"]["item_id"]["embedding"][...]
+    yield "item/item_id_bias", sharding.to_host(table)[:rows["item_id"]]
