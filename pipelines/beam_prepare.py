@@ -260,6 +260,12 @@ def _raw_table(rows: Block, side: str, raw_features, multi_separators: dict[str,
   return table
 
 
+def _read(path: str) -> io.BytesIO:
+  """A whole file, read where the worker runs (local, GCS, ...) through Beam's file systems."""
+  with FileSystems.open(path) as f:
+    return io.BytesIO(f.read())
+
+
 def _entity_table(cfg: ml_collections.ConfigDict, side: str) -> dict[str, Any]:
   """The user or item table file of config.data `cfg`, read on this worker (through pyarrow's
   file systems, like the interaction files; its size grows with the catalog, as this stage's)."""
@@ -280,10 +286,7 @@ def build_catalog(user_rows: list[Block], item_rows: list[Block], split_counts, 
   if counts[splits.TRAIN] == 0:
     raise DataError("the split left no training interactions: check data.split")
   # A nightly day's registry and carried histories: read where the worker runs (local, GCS, ...).
-  registry = None
-  if cfg.get("id_registry"):
-    with FileSystems.open(cfg.id_registry) as f:
-      registry = Registry.load(io.BytesIO(f.read()))
+  registry = Registry.load(_read(cfg.id_registry)) if cfg.get("id_registry") else None
   user_table = _raw_table(users, "user", raw_features, multi_separators)
   item_table = _raw_table(items, "item", raw_features, multi_separators)
   in_train, train_count = users["in_train"], items["train_count"].astype(np.int64)
@@ -306,9 +309,8 @@ def build_catalog(user_rows: list[Block], item_rows: list[Block], split_counts, 
                   {name: int(counts[k]) for k, name in enumerate(splits.SPLIT_NAMES)})
   carried = None
   if cfg.get("carried_history"):
-    with FileSystems.open(cfg.carried_history) as f:
-      carried = CarriedHistories.load(io.BytesIO(f.read())).rows(
-          user_table["user_id"], registry.vocab("item_id"), cfg.history_length)
+    carried = CarriedHistories.load(_read(cfg.carried_history)).rows(
+        user_table["user_id"], registry.vocab("item_id"), cfg.history_length)
   return dict(tables=tables, schema=schema, carried=carried)
 
 

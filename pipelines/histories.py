@@ -78,9 +78,7 @@ class CarriedHistories:
     included). Items without a row of their own (a hashed bucket) have no ID to carry."""
     user_ids = np.asarray(user_ids).astype(str)
     length = history_rows.shape[1]
-    owners = item_vocab.owners()
-    raw = owners[np.minimum(history_rows, len(owners) - 1)]
-    raw[history_rows >= len(owners)] = ""
+    raw = item_vocab.owners()[history_rows]
     # Keep each row's items first (a bucket or padding has no ID): most recent first still.
     raw = np.take_along_axis(raw, np.argsort(raw == "", axis=1, kind="stable"), axis=1)
     kept = ~np.isin(self.user_ids, user_ids)
