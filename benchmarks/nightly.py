@@ -2,7 +2,7 @@
 on the next day's holdout.
 
   python benchmarks/nightly.py [--days=14] [--arms=warm,retrain,frozen] [--workdir=DIR]
-      [--seed=0] [--id_dropout=X] [--interactions_per_day=N] [--plot=PATH]
+      [--seed=0] [--plot=PATH] [--config=configs/nightly.py] [--config.nightly.replay_days=1 ...]
 
 Arms, for days 1..N-1 (a model of day D is scored on day D+1's holdout):
   warm     the nightly job (launch/nightly_jobs.run_day, --force): day D warm-started from day D-1
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import nightly as nightly_config  # noqa: E402
 from launch import common, nightly_jobs  # noqa: E402
 from pipelines.prepare import prepare  # noqa: E402
-from two_tower import sharding  # noqa: E402
+from two_tower import config as config_lib, sharding  # noqa: E402
 from two_tower.evaluation import Evaluator  # noqa: E402
 from two_tower.workdir import Workdir  # noqa: E402
 
@@ -46,10 +46,9 @@ _ARMS = flags.DEFINE_list("arms", ["warm", "retrain", "frozen"], "Arms to run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the arms' work directories go (default: "
                                "a temporary directory, removed after).")
 _SEED = flags.DEFINE_integer("seed", 0, "The world's seed (data.synthetic.seed).")
-_ID_DROPOUT = flags.DEFINE_float("id_dropout", None, "model.id_dropout (default: the config's).")
-_INTERACTIONS = flags.DEFINE_integer("interactions_per_day", None,
-                                     "data.synthetic.world.interactions_per_day (default: the "
-                                     "config's).")
+_CONFIG = common.define_config("configs/nightly.py", "The nightly job's config, with overrides "
+                                "(--config.model.id_dropout=0.5, --config.nightly.replay_days=1); "
+                                "the last line lists what differs from configs/nightly.py.")
 _PLOT = flags.DEFINE_string("plot", None, "PNG path (default: WORKDIR/nightly.png, or "
                             "nightly.png here with a temporary work directory).")
 
@@ -57,12 +56,8 @@ METRIC = "recall@10"
 
 
 def world_config(days: int):
-  config = nightly_config.get_config()
+  config = common.loaded_config(_CONFIG).copy_and_resolve_references()
   config.data.synthetic.seed = _SEED.value
-  if _ID_DROPOUT.value is not None:
-    config.model.id_dropout = _ID_DROPOUT.value
-  if _INTERACTIONS.value:
-    config.data.synthetic.world.interactions_per_day = _INTERACTIONS.value
   start = datetime.date.fromisoformat(config.data.synthetic.world.start_date)
   dates = [(start + datetime.timedelta(days=d)).isoformat() for d in range(days)]
   return config, dates
@@ -180,7 +175,8 @@ def run(workdir: str) -> dict:
     rows.append(row)
     print(" | ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
           flush=True)
-  return {"rows": rows, "id_dropout": config.model.id_dropout}
+  changes = config_lib.diff(nightly_config.get_config(), config, ignore=("data.synthetic.seed",))
+  return {"rows": rows, "config_changes": changes}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -220,7 +216,7 @@ def main(argv):
   summary = summarise(rows)
   print(f"plot: {plot_path}")
   print(json.dumps({"benchmark": "nightly", "days": _DAYS.value, "arms": _ARMS.value,
-                    "seed": _SEED.value, "id_dropout": result["id_dropout"],
+                    "seed": _SEED.value, "config_changes": result["config_changes"],
                     "seconds": round(time.perf_counter() - start, 1), **summary, "per_day": rows}))
 
 

@@ -31,6 +31,24 @@ def test_metrics_on_a_hand_made_ranking():
   assert np.asarray(coverage).tolist() == [1, 2, 2, 2, 2, 2]
 
 
+def test_accuracy_counts_ranks_in_the_unmasked_ranking():
+  # accuracy@K ranks over the whole catalog, masked items included; checked against a full sort on
+  # random scores where many masked items rank high.
+  rng = np.random.default_rng(0)
+  users, items, k = 16, 300, 100
+  scores = rng.normal(size=(users, items)).astype(np.float32)
+  exclude = np.stack([rng.choice(items, 40, replace=False) for _ in range(users)])
+  exclude[::3, 20:] = -1  # users with fewer masked items
+  interactions = rng.integers(0, items, (users, 30))
+  targets = np.full((users, 1), -1)
+  out, _ = _chunk_metrics(scores, targets, exclude, interactions, np.ones(users, bool),
+                          ks=(10, k), max_k=k)
+  rank = (-scores).argsort(1).argsort(1)  # 0-based rank of every item in the unmasked order
+  item_rank = np.take_along_axis(rank, interactions, 1)
+  for cut in (10, k):
+    np.testing.assert_array_equal(out[f"accuracy@{cut}"], (item_rank < cut).sum(1))
+
+
 def test_padded_lists_group_by_owner():
   owner = np.array([3, 1, 3, 3, 7])
   values = np.array([10, 11, 12, 10, 13])

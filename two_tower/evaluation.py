@@ -67,7 +67,12 @@ def _chunk_metrics(scores, targets, exclude, interactions, valid, *, ks, max_k):
   masked = scores.at[rows, jnp.where(exclude < 0, num_items, exclude)].set(-jnp.inf, mode="drop")
   top_values, top_masked = jax.lax.top_k(masked, max_k)
   ranked = jnp.isfinite(top_values)  # masked items can only fill the tail of a tiny catalog
-  top_raw = jax.lax.top_k(scores, max_k)[1]
+  # The unmasked top K (for accuracy@K) is the top K of the masked top K and the masked items' own
+  # scores: a top_k over K + |masked| columns instead of a second one over the whole catalog.
+  masked_scores = jnp.where(
+      exclude >= 0, jnp.take_along_axis(scores, jnp.maximum(exclude, 0), axis=1), -jnp.inf)
+  merged = jax.lax.top_k(jnp.concatenate([top_values, masked_scores], 1), max_k)[1]
+  top_raw = jnp.take_along_axis(jnp.concatenate([top_masked, exclude], 1), merged, axis=1)
   hits = (top_masked[:, :, None] == targets[:, None, :]).any(-1) & ranked  # [b, max_k]
   num_pos = (targets >= 0).sum(-1)
   discount = 1.0 / jnp.log2(jnp.arange(max_k) + 2.0)
