@@ -30,8 +30,8 @@ def get_config():
   # learned bias per item (score = cosine / 0.1 + bias), in-batch negatives, logQ-corrected.
   # Chosen on validation recall@20 over the variants in docs/public_benchmarks.md: 128 dims with
   # 2,048 uniform negatives reached 0.2232 after 20 epochs (20 minutes here); 256 dims with
-  # in-batch negatives only reach it by epoch 8 and go past it. Uniform negatives cost a third of
-  # the step (the softmax's columns) for +0.5% at 128 dims, so they are off.
+  # in-batch negatives only reach it by epoch 8 and go past it. Uniform negatives are a third of
+  # the softmax's columns (steps 1.3x slower) for +0.5% at 128 dims, so they are off.
   c.model.update(
       query_features=("user_id",), item_features=("item_id",),
       id_embedding_dim=256, hidden_dims=(), output_dim=0, l2_normalize=True, temperature=0.1,
