@@ -143,11 +143,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   o.weight_decay = 0.0
   o.grad_clip_norm = 0.0  # 0: no clipping
   o.adagrad_initial_accumulator = 0.1
-  # dense | rowwise_adagrad. dense: the embedding tables are parameters like the others
-  # (optimizer.name updates every row, and every row's state, on every step). rowwise_adagrad: each
-  # step reads and updates only the table rows its batch looks up, by row-wise Adagrad with one
-  # accumulator per row (TorchRec's and TPU embedding's default; two_tower/rowsparse.py): what
-  # keeps steps fast past ~1M rows. The dense layers keep optimizer.name. Not with grad_clip_norm.
+  # dense | rowwise_adagrad | sparse_adam. dense: the embedding tables are parameters like the
+  # others (optimizer.name updates every row, and every row's state, on every step). The other two
+  # read and update only the table rows a step's batch looks up (two_tower/rowsparse.py): what
+  # keeps steps fast past ~1M rows. rowwise_adagrad: one accumulator per row (TorchRec's and TPU
+  # embedding's default), at embedding_learning_rate. sparse_adam: dense Adam's trajectory (the
+  # momentum steps a row missed are applied in closed form when it is next looked up), at
+  # learning_rate. The dense layers keep optimizer.name. Not with grad_clip_norm.
   o.embeddings = "dense"
   # rowwise_adagrad's learning rate (on optimizer.schedule's shape). Adagrad divides each row's
   # gradient by the root of its accumulated squares, so a row's step is about this size: it wants a

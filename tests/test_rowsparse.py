@@ -1,5 +1,6 @@
-"""Row-sparse embedding updates (optimizer.embeddings="rowwise_adagrad", two_tower/rowsparse.py):
-one step against row-wise Adagrad computed densely, duplicate ids summed, 8 devices against 1,
+"""Row-sparse embedding updates (optimizer.embeddings="rowwise_adagrad" or "sparse_adam",
+two_tower/rowsparse.py): one step against row-wise Adagrad computed densely, sparse Adam against
+dense Adam over steps that miss rows, duplicate ids summed, 8 devices against 1,
 restoring onto another mesh, warm-start growth and the config checks (bit-exact resumption is
 in tests/test_train.py)."""
 
@@ -32,18 +33,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 USERS, ITEMS, CATEGORIES, BATCH, HISTORY = 30, 40, 6, 16, 4
 ITEM_TABLE = "item_tower/embedding/tables/item_id/embedding"  # shared with the history bag
+BIAS_TABLE = "bias_tables/item_id/embedding"  # model.item_bias
 
 
-def small_model(**loss):
-  """A rowwise_adagrad config, train state, jitted step, batch and catalog over a hand-made schema
-  with every kind of lookup: ids, a category, and a history bag sharing the item table. `loss`:
-  config.loss overrides."""
+def small_model(embeddings="rowwise_adagrad", item_bias=False, **loss):
+  """A row-sparse config, train state, jitted step, batch and catalog over a hand-made schema
+  with every kind of lookup: ids, a category, a history bag sharing the item table, and with
+  `item_bias` the item bias, read with the item IDs. `loss`: config.loss overrides."""
   c = get_base_config()
   c.loss.update(**loss)
   c.model.update(query_features=("user_id", "history"), item_features=("item_id", "category"),
                  share_item_embeddings=True, id_embedding_dim=8, feature_embedding_dim=4,
-                 hidden_dims=(8,), output_dim=8)
-  c.optimizer.update(embeddings="rowwise_adagrad", learning_rate=0.01, embedding_learning_rate=0.1)
+                 hidden_dims=(8,), output_dim=8, item_bias=item_bias)
+  c.optimizer.update(embeddings=embeddings, learning_rate=0.01, embedding_learning_rate=0.1)
   c.loss.row_chunk = 8
   schema = Schema(
       features=(Feature("user_id", "user", "id", USERS),
@@ -86,12 +88,15 @@ def dense_loss_and_grads(c, mesh, graphdef, state, batch, catalog):
   return float(loss), grads, inputs
 
 
-def looked_up(inputs) -> dict[str, np.ndarray]:
-  """The distinct rows each table is read by in `inputs`."""
+def looked_up(inputs, item_bias=False) -> dict[str, np.ndarray]:
+  """The distinct rows each table is read by in `inputs`. The item bias's rows are the item
+  table's: the sparse step gathers them together."""
   ids = {
       ITEM_TABLE: [inputs["item_tower"]["item_id"], inputs["query_tower"]["history"]],
       "item_tower/embedding/tables/category/embedding": [inputs["item_tower"]["category"]],
       "query_tower/embedding/tables/user_id/embedding": [inputs["query_tower"]["user_id"]]}
+  if item_bias:
+    ids[BIAS_TABLE] = ids[ITEM_TABLE]
   return {k: np.unique(np.concatenate([np.asarray(x).ravel() for x in v])) for k, v in ids.items()}
 
 
@@ -124,6 +129,54 @@ def test_one_step_is_rowwise_adagrad_on_the_touched_rows_only():
   for name, x in named_leaves(after.params).items():
     if not rowsparse.is_table(name):
       np.testing.assert_allclose(np.asarray(x), np.asarray(want[name]), rtol=1e-5, atol=1e-7)
+
+
+def test_sparse_adam_follows_dense_adam():
+  """Batches A, B, B, A over disjoint users and items: after each step, the rows a step looks up
+  are where dense Adam puts them, including A's rows after missing two steps (their momentum
+  caught up in closed form); rows a step misses are left alone. With the item bias, which is
+  read with the item IDs (and so gathered with the item table's rows)."""
+  c, mesh, graphdef, sparse, sparse_step, batch_a, catalog = small_model("sparse_adam", True)
+  dense_config, _, _, dense, dense_step, _, _ = small_model("dense", True)
+  assert dense_config.optimizer.learning_rate == c.optimizer.learning_rate
+  rng = np.random.default_rng(1)
+  batch_b = dict(batch_a, user_index=rng.integers(12, 20, BATCH).astype(np.int32),
+                 item_index=rng.integers(20, 30, BATCH).astype(np.int32),
+                 history=rng.integers(20, 30, (BATCH, HISTORY)).astype(np.int32))
+  np.testing.assert_array_equal(np.asarray(sparse.params["item_tower"]["embedding"]["tables"][
+      "item_id"]["embedding"]), np.asarray(dense.params["item_tower"]["embedding"]["tables"][
+      "item_id"]["embedding"]))
+  for batch in (batch_a, batch_b, batch_b, batch_a):
+    touched = looked_up(batch_loss(sparse, batch, catalog, graphdef=graphdef, config=c,
+                                   mesh=mesh)[1], item_bias=True)
+    assert BIAS_TABLE in tables_of(sparse.params)
+    before = tables_of(sparse.params)
+    sparse, _ = sparse_step(sparse, batch, catalog)
+    dense, _ = dense_step(dense, batch, catalog)
+    got, want = tables_of(sparse.params), tables_of(dense.params)
+    for name, rows in touched.items():
+      scale = np.abs(want[name][rows] - before[name][rows]).max()
+      assert scale > 0
+      np.testing.assert_allclose(got[name][rows], want[name][rows], rtol=0, atol=1e-3 * scale)
+      untouched = np.setdiff1d(np.arange(got[name].shape[0]), rows)
+      np.testing.assert_array_equal(got[name][untouched], before[name][untouched])
+    for name, x in named_leaves(dense.params).items():
+      if not rowsparse.is_table(name):
+        np.testing.assert_allclose(np.asarray(named_leaves(sparse.params)[name]), np.asarray(x),
+                                   rtol=1e-5, atol=1e-7)
+  # Settled (what training evaluates and saves), every row is where dense Adam has it, the rows
+  # the last step missed included.
+  settled, _ = rowsparse.settle(sparse.params, sparse.opt_state)
+  got, want = tables_of(settled), tables_of(dense.params)
+  for name in want:
+    scale = np.abs(want[name] - before[name]).max()
+    np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-3 * scale)
+    assert np.abs(want[name] - tables_of(sparse.params)[name]).max() > 0.1 * scale, name
+  # A's rows did miss steps: dense Adam moved them meanwhile, by their momentum.
+  user_table = "query_tower/embedding/tables/user_id/embedding"
+  assert not np.isin(looked_up(batch_loss(sparse, batch_b, catalog, graphdef=graphdef, config=c,
+                                          mesh=mesh)[1])[user_table],
+                     np.unique(batch_a["user_index"])).any()
 
 
 def test_duplicate_ids_are_summed_like_the_dense_gradient():
@@ -197,7 +250,8 @@ def test_config_checks():
   c = get_base_config()
   c.optimizer.embeddings = "lazy"
   with pytest.raises(ConfigError,
-                     match="optimizer.embeddings='lazy' is not one of dense, rowwise_adagrad"):
+                     match="optimizer.embeddings='lazy' is not one of dense, rowwise_adagrad, "
+                     "sparse_adam"):
     config_lib.validate(c)
   c = get_base_config()
   c.optimizer.update(embeddings="rowwise_adagrad", grad_clip_norm=1.0, embedding_learning_rate=0.0)
@@ -206,5 +260,10 @@ def test_config_checks():
   assert "set optimizer.grad_clip_norm=0" in str(e.value)
   assert "optimizer.embedding_learning_rate=0.0 must be > 0" in str(e.value)
   c = get_base_config()
-  c.optimizer.embeddings = "rowwise_adagrad"
-  assert config_lib.validate(c) is c
+  c.optimizer.update(embeddings="sparse_adam", grad_clip_norm=1.0)
+  with pytest.raises(ConfigError, match="optimizer.embeddings='sparse_adam'.*set optimizer.grad_cl"):
+    config_lib.validate(c)
+  for embeddings in ("rowwise_adagrad", "sparse_adam"):
+    c = get_base_config()
+    c.optimizer.embeddings = embeddings
+    assert config_lib.validate(c) is c

@@ -85,6 +85,10 @@ class Checkpointer:
       items[METRICS] = ocp.args.JsonSave(metrics)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
+  def should_save(self, step: int) -> bool:
+    """Whether save(step) without `force` would save."""
+    return self._manager.should_save(step)
+
   def metrics(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(**{METRICS: ocp.args.JsonRestore()}))[METRICS]
 

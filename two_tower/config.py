@@ -30,7 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.logq_estimator": ("static", "streaming"),
     "optimizer.name": ("adam", "adamw", "adagrad", "sgd"),
     "optimizer.schedule": ("constant", "cosine", "warmup_cosine"),
-    "optimizer.embeddings": ("dense", "rowwise_adagrad"),
+    "optimizer.embeddings": ("dense", "rowwise_adagrad", "sparse_adam"),
     "mesh.shard_tables_over": ("model", "all"),
     "eval.split": ("validation", "test"),
 }
@@ -146,11 +146,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if len(q) != 2 or not 0 < q[0] <= q[1] <= 1:
       problems.append(f"data.split.time_quantiles={q!r} must be (validation, test) cuts with "
                       "0 < validation <= test <= 1")
-  if (values.get("optimizer.embeddings") == "rowwise_adagrad"
-      and values.get("optimizer.grad_clip_norm", 0) > 0):
+  row_sparse = values.get("optimizer.embeddings", "dense") != "dense"
+  if row_sparse and values.get("optimizer.grad_clip_norm", 0) > 0:
     problems.append("optimizer.grad_clip_norm would clip only the dense layers' gradients with "
-                    "optimizer.embeddings='rowwise_adagrad' (whose row steps are bounded by "
-                    "optimizer.embedding_learning_rate already): set optimizer.grad_clip_norm=0")
+                    f"optimizer.embeddings={values['optimizer.embeddings']!r} (whose row steps "
+                    "are bounded by the learning rate already): set optimizer.grad_clip_norm=0")
   ks = tuple(config.eval.ks)
   if not ks or min(ks) < 1:
     problems.append(f"eval.ks={ks!r} must be one or more positive cut-offs, e.g. (10, 50, 100)")

@@ -1,5 +1,6 @@
 """optax optimizers and learning-rate schedules from config.optimizer (the embedding tables'
-row-sparse updates, optimizer.embeddings="rowwise_adagrad", are in two_tower/rowsparse.py)."""
+row-sparse updates, optimizer.embeddings="rowwise_adagrad" or "sparse_adam", are in
+two_tower/rowsparse.py)."""
 
 from __future__ import annotations
 
@@ -40,10 +41,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
   if cfg.grad_clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
   embeddings = cfg.get("embeddings", "dense")
-  if embeddings == "rowwise_adagrad":
-    # The embedding tables by rows (two_tower/rowsparse.py), on the same schedule's shape.
-    return rowsparse.rowwise_adagrad(
-        opt, learning_rate_schedule(cfg, num_steps, peak=cfg.embedding_learning_rate))
-  if embeddings != "dense":
-    raise ValueError(f"optimizer.embeddings must be dense or rowwise_adagrad, got {embeddings!r}")
-  return opt
+  if embeddings == "dense":
+    return opt
+  if embeddings not in ("rowwise_adagrad", "sparse_adam"):
+    raise ValueError("optimizer.embeddings must be dense, rowwise_adagrad or sparse_adam, got "
+                     f"{embeddings!r}")
+  # The embedding tables by rows (two_tower/rowsparse.py), on the same schedule's shape. Adam's
+  # step size does not depend on the gradient's scale, so sparse Adam takes Adam's rate; Adagrad's
+  # shrinks with its accumulated squares and wants its own, larger one.
+  peak = cfg.embedding_learning_rate if embeddings == "rowwise_adagrad" else cfg.learning_rate
+  return rowsparse.row_sparse(opt, embeddings, learning_rate_schedule(cfg, num_steps, peak=peak))
