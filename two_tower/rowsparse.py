@@ -328,7 +328,7 @@ def value_grad_and_update(loss_fn: LossFn, params: Any, opt_state: Any,
                           tx: optax.GradientTransformation):
   """One row-sparse optimizer step: (new params, new optimizer state, loss metrics, gradient
   norm). `loss_fn(params, inputs)` is the model's loss for features `inputs` ({tower: {feature:
-  ids}}); `tx` is `rowwise_adagrad(...)`."""
+  ids}}); `tx` is `row_sparse(...)`."""
   model = nnx.merge(graphdef, params)
   lookups = gather_rows(params, inputs, table_of_feature(model), followers(model))
   # Sparse Adam: the looked-up rows first catch up with the steps they missed.
