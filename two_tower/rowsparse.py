@@ -288,9 +288,8 @@ def settle(params: Any, opt_state: Any) -> tuple[Any, Any]:
   state = _sparse_adam_state(opt_state)
   if state is None:
     return params, opt_state
-  every_row = {path: jnp.arange(last.shape[0])
-               for path, last in ((path_name(p), x) for p, x in
-                                  jax.tree_util.tree_flatten_with_path(state.last)[0])}
+  every_row = {path_name(p): jnp.arange(last.shape[0])
+               for p, last in jax.tree_util.tree_flatten_with_path(state.last)[0]}
   pending = pending_updates(opt_state, every_row)
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x + pending[path_name(p)].astype(x.dtype) if path_name(p) in pending else x,
