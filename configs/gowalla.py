@@ -36,10 +36,14 @@ def get_config():
       query_features=("user_id",), item_features=("item_id",),
       id_embedding_dim=256, hidden_dims=(), output_dim=0, l2_normalize=True, temperature=0.1,
       item_bias=True)
-  c.loss.update(remove_accidental_hits=True, logq_correction=True, num_uniform_negatives=0)
+  # One block for the softmax: the batch's 2048 x 2048 logits are 16 MiB, and blocks of 512 rows
+  # (the default, for bigger batches and negatives) cost ~15% of a step here in loop overhead.
+  c.loss.update(remove_accidental_hits=True, logq_correction=True, num_uniform_negatives=0,
+                row_chunk=2048)
   # Adam on the tables by rows (sparse_adam: dense Adam's trajectory, two_tower/rowsparse.py) at
-  # batch 2048: a step then costs ~1.6x less per example than dense Adam's at 4096, so a refit
-  # trains in under 10 minutes here and a fit in about 10 (dense Adam at 4096: 13.5 and 15).
+  # batch 2048: a step then costs ~1.6x less per example than dense Adam's at 4096, so a fit
+  # (validation included) and a refit each train in under 10 minutes here (dense Adam at 4096:
+  # 13.5 and 15).
   # Validation recall@20 0.2235-0.2240 against 0.2252-0.2257 (docs/public_benchmarks.md).
   c.optimizer.update(name="adam", learning_rate=1e-2, schedule="constant", embeddings="sparse_adam")
   # One epoch of train - valid is 352 steps of 2048. Validation every 2 epochs (a full-catalog

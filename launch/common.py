@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -104,6 +105,27 @@ def start() -> None:
                                          timeout_s=_TIMEOUT.value))
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def reuse_freed_memory() -> None:
+  """Keeps freed memory in the process, for the next step to reuse. XLA:CPU allocates a program's
+  buffers afresh on every call, and glibc serves large allocations (and any allocation from a
+  thread's own arena) with new mmap'd pages that it returns on free: every step then pays a page
+  fault per 4 KiB it touches (on Gowalla 11,000 a step, about 5 us each on this VM; the steps run
+  1.25x faster without them). Here every thread allocates from the one heap, which is never
+  trimmed. On accelerators the device buffers come from XLA's own allocator, and only the host's
+  freed pages stay in the process. A no-op off glibc."""
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:
+    return
+  libc.mallopt(_M_MMAP_MAX, 0)
+  libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+  libc.mallopt(_M_ARENA_MAX, 1)
+
+
 def loaded_config(holder: flags.FlagHolder):
   """The config of a --config flag, validated (None when the flag was not given)."""
   return None if holder.value is None else config_lib.validate(holder.value)
@@ -112,6 +134,7 @@ def loaded_config(holder: flags.FlagHolder):
 def run_cli(main: Callable[[], object]) -> None:
   """Runs `main`; a UserError is printed as one line (exit 2), a preemption exits 143. Any other
   exception is a bug and keeps its traceback."""
+  reuse_freed_memory()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and absl are chatty at INFO
   try:
