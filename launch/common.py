@@ -114,9 +114,9 @@ def reuse_freed_memory() -> None:
   buffers afresh on every call, and glibc serves large allocations with new mmap'd pages that it
   returns on free: every step then pays a page fault per 4 KiB it touches (on Gowalla 11,500 a
   step, about 5 us each on this VM). Here they come from the heap, which is never trimmed. (One
-  arena for all threads, on top, gained nothing on Gowalla and made the nightly job's first day
-  train about a quarter slower.) On accelerators the device buffers come from XLA's own allocator,
-  and only the host's freed pages stay in the process. A no-op off glibc."""
+  arena for all threads as well gained nothing on Gowalla.) On accelerators the device buffers
+  come from XLA's own allocator, and only the host's freed pages stay in the process. A no-op off
+  glibc."""
   try:
     libc = ctypes.CDLL("libc.so.6")
   except OSError:
