@@ -106,23 +106,24 @@ def start() -> None:
 
 
 # glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
 def reuse_freed_memory() -> None:
   """Keeps freed memory in the process, for the next step to reuse. XLA:CPU allocates a program's
   buffers afresh on every call, and glibc serves large allocations with new mmap'd pages that it
   returns on free: every step then pays a page fault per 4 KiB it touches (on Gowalla 11,500 a
-  step, about 5 us each on this VM). Here they come from the heap, which is never trimmed. (One
-  arena for all threads as well gained nothing on Gowalla.) On accelerators the device buffers
-  come from XLA's own allocator, and only the host's freed pages stay in the process. A no-op off
-  glibc."""
+  step, about 5 us each on this VM). Here they come from the one heap, which is never trimmed:
+  every thread allocates from it, since a thread that finds it busy would otherwise get an arena of
+  its own, whose mmap'd heaps shrink on free again. On accelerators the device buffers come from
+  XLA's own allocator, and only the host's freed pages stay in the process. A no-op off glibc."""
   try:
     libc = ctypes.CDLL("libc.so.6")
   except OSError:
     return
   libc.mallopt(_M_MMAP_MAX, 0)
   libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+  libc.mallopt(_M_ARENA_MAX, 1)
 
 
 def loaded_config(holder: flags.FlagHolder):
