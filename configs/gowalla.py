@@ -47,7 +47,7 @@ def get_config():
   # Validation recall@20 0.2235-0.2240 against 0.2252-0.2257 (docs/public_benchmarks.md).
   c.optimizer.update(name="adam", learning_rate=1e-2, schedule="constant", embeddings="sparse_adam")
   # One epoch of train - valid is 352 steps of 2048. Validation every 2 epochs (a full-catalog
-  # pass over 29,858 users, ~20 s) picks the best state by recall@20; num_epochs is the horizon,
+  # pass over 29,858 users, ~12 s) picks the best state by recall@20; num_epochs is the horizon,
   # early stopping ends sooner if validation stops improving.
   c.train.update(batch_size=2048, num_epochs=12.0, log_every_steps=50, checkpoint_every_steps=1000,
                  eval_every_steps=704, select_by="recall@20", early_stopping_evals=3)
