@@ -223,6 +223,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   common.reuse_freed_memory()
+  common.deterministic_gpu_ops()
   start = time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:
     workdir = _WORKDIR.value or tmp

@@ -126,6 +126,16 @@ def reuse_freed_memory() -> None:
   libc.mallopt(_M_ARENA_MAX, 1)
 
 
+def deterministic_gpu_ops() -> None:
+  """Asks XLA for deterministic GPU kernels, unless XLA_FLAGS already names the flag: a GPU sums
+  the embedding tables' scatter-add gradients with atomics by default, in no fixed order, so a
+  seed no longer fixes the trained parameters. Takes effect only before JAX starts its backend.
+  CPUs are deterministic either way. Opt out with XLA_FLAGS=--xla_gpu_deterministic_ops=false."""
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  if "--xla_gpu_deterministic_ops" not in xla_flags:
+    os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_gpu_deterministic_ops=true".strip()
+
+
 def loaded_config(holder: flags.FlagHolder):
   """The config of a --config flag, validated (None when the flag was not given)."""
   return None if holder.value is None else config_lib.validate(holder.value)
@@ -135,6 +145,7 @@ def run_cli(main: Callable[[], object]) -> None:
   """Runs `main`; a UserError is printed as one line (exit 2), a preemption exits 143. Any other
   exception is a bug and keeps its traceback."""
   reuse_freed_memory()
+  deterministic_gpu_ops()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and absl are chatty at INFO
   try:

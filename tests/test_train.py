@@ -128,7 +128,8 @@ def test_cli_reports_bad_config_key_and_uneven_batch(tmp_path):
   assert bad_key.returncode == 2
   assert 'unknown config key' in bad_key.stderr and 'Did you mean "batch_size"' in bad_key.stderr
   uneven = run_module("launch.train", f"--workdir={tmp_path}/b", "--config.train.batch_size=255",
-                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                           "JAX_PLATFORMS": "cpu"})
   assert uneven.returncode == 2
   assert "batch_size=255 is not divisible by the 2 data-parallel devices" in uneven.stderr
   assert not os.path.exists(f"{tmp_path}/b/checkpoints")
@@ -282,10 +283,17 @@ def test_a_padded_catalog_trains_exactly_like_the_real_one():
   assert to_table["item"]["item_id"].shape[0] == 64 and int(to_table[feats.SIZES]["item"]) == 37
   assert feats.pad_catalog(first_rows(40), {"item": 32})["item"]["item_id"].shape[0] == 48
   want_state, want = step(state, batch, first_rows(37))
+  # Bit-exact on CPU. A GPU tiles its reductions by shape, so there the padded sums round apart:
+  # 1e-7 relative in the metrics on an H100, and up to 5e-7 in parameters after one 0.01 Adam
+  # step (Adam's first step divides each gradient by its own size, near-zero ones included).
+  exact = jax.default_backend() == "cpu"
   for padded in (padded, to_table):
     got_state, got = step(state, batch, padded)
-    assert_trees_equal(got, want)
-    assert_trees_equal(got_state.params, want_state.params)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(x, y, rtol=0 if exact else 1e-5, atol=0)
+    for x, y in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params),
+                    strict=True):
+      np.testing.assert_allclose(x, y, rtol=0, atol=0 if exact else 1e-4)
   # The uniform negatives are drawn from the 37 real items, not the padding.
   assert not jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), want_state.params,
                                        step(state, batch, first_rows(40))[0].params))

@@ -159,11 +159,22 @@ print(statistics.median(faults[2:]))
 
 def test_cli_processes_reuse_the_pages_of_each_steps_buffers():
   """Without reuse_freed_memory (run_cli calls it) every step faults its temporaries in again."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # XLA:CPU's buffers live in the process's heap
   faults = {mode: float(subprocess.run(
       [sys.executable, "-c", _PAGE_FAULTS_PER_STEP, mode], capture_output=True, text=True,
-      check=True, cwd=ROOT).stdout) for mode in ("default", "reuse")}
+      check=True, cwd=ROOT, env=env).stdout) for mode in ("default", "reuse")}
   assert faults["default"] > 4000  # 8,192 pages of 4 KiB
   assert faults["reuse"] < faults["default"] / 20
+
+
+def test_cli_processes_ask_a_gpu_for_deterministic_kernels(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  common.run_cli(lambda: None)  # every entry point passes through it before JAX starts a backend
+  assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
+                                             "--xla_gpu_deterministic_ops=true"]
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")  # a user's choice stays
+  common.deterministic_gpu_ops()
+  assert os.environ["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=false"
 
 
 def test_atomic_writes_keep_the_old_file_on_failure(tmp_path):

@@ -125,7 +125,9 @@ class Evaluator:
 
       def scores(params, catalog, item_embeddings, users):
         model = nnx.merge(graphdef, params)
-        return model.embed_queries(feats.query_features(catalog, users)) @ item_embeddings.T
+        queries = model.embed_queries(feats.query_features(catalog, users))
+        # Full float32 (a GPU's default, TF32, reorders near-ties), as the exact search's scores.
+        return jnp.matmul(queries, item_embeddings.T, precision=jax.lax.Precision.HIGHEST)
       self._scores = jax.jit(scores)
     users, items = data.pairs(split)
     if target_items is not None:
