@@ -226,6 +226,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # user or item is not in today's catalog are dropped). train.num_epochs counts them. 0: none.
   n.replay_days = 0
   n.replay_rate = 0.1
+  # Bootstrap: the lifecycle's first `bootstrap_days` days each also train on every earlier day's
+  # training examples (replay at rate 1, whatever replay_days says): while the history is short,
+  # training on all of it costs little, and a young model forgets what it saw a day ago. 0: off.
+  n.bootstrap_days = 0
 
   # Before publishing a nightly model: it must score gate.metric on the day's holdout at most
   # max_regression (relative) below the live model scored on the same holdout.

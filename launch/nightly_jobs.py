@@ -335,25 +335,32 @@ class _Day:
             "replayed": counts}
 
   def replayed(self) -> tuple[dict[str, np.ndarray] | None, dict[str, int]]:
-    """The replay sample (nightly.replay_days, replay_rate) in today's indexing, and its size per
-    earlier day."""
+    """The replay sample in today's indexing, and its size per earlier day: every earlier day
+    whole on the lifecycle's first nightly.bootstrap_days days, else nightly.replay_days' days at
+    nightly.replay_rate."""
     cfg = self.config.nightly
-    if cfg.replay_days <= 0 or cfg.replay_rate <= 0:
+    earlier_days = [d for d in self.life.finished()
+                    if d < self.date and not self.life.summary(d).get("empty_day")]
+    if len(earlier_days) < cfg.bootstrap_days:  # today is day len(earlier_days) + 1
+      rate = 1.0
+    elif cfg.replay_days > 0 and cfg.replay_rate > 0:
+      first = (datetime.date.fromisoformat(self.date)
+               - datetime.timedelta(days=cfg.replay_days)).isoformat()
+      earlier_days, rate = [d for d in earlier_days if d >= first], cfg.replay_rate
+    else:
       return None, {}
-    first = (datetime.date.fromisoformat(self.date)
-             - datetime.timedelta(days=cfg.replay_days)).isoformat()
+    if not earlier_days:
+      return None, {}
     today = self.workdir.prepare_data(self.config)
     today_registry = registry_lib.Registry.load(os.path.join(self.dir, REGISTRY))
     parts, counts = [], {}
-    for date in self.life.finished():
-      if not first <= date < self.date or self.life.summary(date).get("empty_day"):
-        continue
+    for date in earlier_days:
       day_dir = self.life.day_dir(date)
       earlier = Workdir(day_dir)
       part = replay_lib.sample_day(
           earlier.prepare_data(earlier.config()),
           registry_lib.Registry.load(os.path.join(day_dir, REGISTRY)), today, today_registry,
-          cfg.replay_rate, self.config.seed, date, self.date)
+          rate, self.config.seed, date, self.date)
       parts.append(part)
       counts[date] = int(len(part["user_index"]))
     return (replay_lib.concat(parts) if parts else None), counts

@@ -540,6 +540,31 @@ def test_nightly_replay_trains_on_the_day_and_the_sample(after_day1, tmp_path):
   assert summary["model_step"] - _summary(root, DAY1)["model_step"] == steps
 
 
+def test_bootstrap_days_train_on_every_earlier_day_whole(after_day2, tmp_path):
+  from pipelines import loader
+  from launch import nightly_jobs
+  from two_tower.workdir import Workdir
+  root = _copy(after_day2, tmp_path / "w")
+  config = tiny_nightly_config()
+  config.nightly.bootstrap_days = 3  # days 1, 2 and 3 of the lifecycle
+  summary = nightly_jobs.run_day(root, DAY3, config, log=lambda m: None)
+  assert list(summary["replayed"]) == [DAY1, DAY2]
+  today = Workdir(os.path.join(root, "days", DAY3))
+  today = today.prepare_data(today.config())
+  for date, replayed in summary["replayed"].items():
+    day = Workdir(os.path.join(root, "days", date))
+    data = day.prepare_data(day.config())
+    split = loader.open_split(data.record_source("train"), data.schema.history_length, "always")
+    examples = split.gather(np.arange(len(split)))
+    # Every training example of that day whose user and item are in today's catalog (which holds
+    # today's active users only).
+    in_catalog = [np.isin(np.asarray(data.table(side, "raw_id"))[examples[f"{side}_index"]],
+                          today.table(side, "raw_id")) for side in ("user", "item")]
+    assert replayed == (in_catalog[0] & in_catalog[1]).sum() > 0
+  # Day 4 has three earlier days: the bootstrap is over, and replay_days is 0.
+  assert nightly_jobs.run_day(root, DAY4, config, log=lambda m: None)["replayed"] == {}
+
+
 # ----------------------------------------------------------------------------- the nightly job
 
 DAY1, DAY2, DAY3, DAY4, DAY5 = (f"2026-01-0{d}" for d in range(1, 6))

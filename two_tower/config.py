@@ -40,6 +40,7 @@ _RANGES = (("nightly.min_count", 1, None), ("nightly.expire_after_days", 0, None
            ("nightly.row_chunk", 1, None), ("nightly.min_growth", 0.0, None),
            ("gate.max_regression", 0.0, 1.0),
            ("nightly.replay_days", 0, None), ("nightly.replay_rate", 0.0, 1.0),
+           ("nightly.bootstrap_days", 0, None),
            ("model.id_dropout", 0.0, 1.0),
            ("data.synthetic.world.interactions_per_day", 1, None),
            ("data.synthetic.world.new_users_per_day", 0.0, None),
