@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -56,6 +58,18 @@ def test_size_rules():
   cfg.num_leaves = 2_000_000
   with pytest.raises(ValueError, match="larger than the catalog"):
     search.choose_settings(1_000_000, cfg)
+
+
+def test_exact_search_scores_in_full_float32_whatever_the_default_precision():
+  # A GPU's default float32 matmul is TF32 (~1e-3 relative), which reorders near-ties of the gate's
+  # ground truth. The block's product asks for HIGHEST itself (CPUs are exact either way, so the
+  # compiled program is what can be checked here).
+  queries, items = np.ones((4, 8), np.float32), np.ones((16, 8), np.float32)
+  best = (jnp.full((4, 3), -jnp.inf), jnp.zeros((4, 3), jnp.int32))
+  with jax.default_matmul_precision("tensorfloat32"):
+    program = search._block_top_k.lower(queries, items, np.ones(16, bool), *best, 0, k=3).as_text()
+  (product,) = [line for line in program.splitlines() if "dot_general" in line]
+  assert "precision = [HIGHEST, HIGHEST]" in product
 
 
 def test_exact_top_k_blocks_match_numpy():

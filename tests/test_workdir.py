@@ -102,6 +102,20 @@ def test_resuming_from_a_params_only_checkpoint_is_refused(tmp_path):
     best.restore_train_state(best.latest_step(), state)
 
 
+def test_evaluation_scores_in_full_float32_whatever_the_default_precision(workdir):
+  # As the exact search (test_index.py): a GPU's default TF32 would reorder near-ties.
+  model = Workdir(workdir).load_model()
+  evaluator = Evaluator(model.data, model.catalog, "validation", (10,), 128,
+                        graphdef=model.graphdef, mesh=model.mesh)
+  items = evaluator._embedder.embed_on_device(model.params, "item", np.arange(evaluator.num_items))
+  with jax.default_matmul_precision("tensorfloat32"):
+    program = evaluator._scores.lower(model.params, model.catalog, items,
+                                      evaluator.users[:4]).as_text()
+  scores = [line for line in program.splitlines()
+            if "dot_general" in line and f"x{evaluator.num_items}xf32>" in line.split("->")[-1]]
+  assert len(scores) == 1 and "precision = [HIGHEST, HIGHEST]" in scores[0]
+
+
 def test_evaluator_compiles_once_for_every_call(workdir):
   model = Workdir(workdir).load_model()
   evaluator = Evaluator(model.data, model.catalog, "validation", (10,), 128,
