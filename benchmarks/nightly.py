@@ -31,7 +31,7 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -219,11 +219,7 @@ def summarise(rows: list[dict]) -> dict:
   return out
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  common.reuse_freed_memory()
-  common.deterministic_gpu_ops()
+def run_and_report() -> None:
   start = time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:
     workdir = _WORKDIR.value or tmp
@@ -237,6 +233,11 @@ def main(argv):
   print(json.dumps({"benchmark": "nightly", "days": _DAYS.value, "arms": _ARMS.value,
                     "seed": _SEED.value, "config_changes": result["config_changes"],
                     "seconds": round(time.perf_counter() - start, 1), **summary, "per_day": rows}))
+
+
+def main(argv):
+  del argv
+  common.run_cli(run_and_report)  # the entry points' process set-up (memory, GPU determinism)
 
 
 if __name__ == "__main__":
