@@ -334,7 +334,7 @@ class _Day:
     return {"model_step": summary["steps"], "checkpoint": summary["checkpoint"],
             "replayed": counts}
 
-  def replayed(self) -> tuple[dict[str, np.ndarray] | None, dict[str, int]]:
+  def replayed(self) -> tuple[replay_lib.Replayed | None, dict[str, int]]:
     """The replay sample in today's indexing, and its size per earlier day: every earlier day
     whole on the lifecycle's first nightly.bootstrap_days days, else nightly.replay_days' days at
     nightly.replay_rate."""
@@ -362,8 +362,8 @@ class _Day:
           registry_lib.Registry.load(os.path.join(day_dir, REGISTRY)), today, today_registry,
           rate, self.config.seed, date, self.date)
       parts.append(part)
-      counts[date] = int(len(part["user_index"]))
-    return (replay_lib.concat(parts) if parts else None), counts
+      counts[date] = len(part)
+    return replay_lib.concat(parts, today.schema.num_users), counts
 
   def evaluate(self) -> dict:
     if self.empty_day:  # no holdout to score either model on

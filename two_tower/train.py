@@ -185,19 +185,23 @@ class TrainingSetup:
 
 
 def setup_training(config: ml_collections.ConfigDict, workdir: str,
-                   replayed_examples: int = 0) -> TrainingSetup:
-  """`replayed_examples`: examples trained on besides the training split (the nightly replay)."""
+                   replayed: replay_lib.Replayed | None = None) -> TrainingSetup:
+  """`replayed`: examples trained on besides the training split (the nightly replay), and the
+  users they train beyond the data's catalog."""
   wd = Workdir(workdir)
   wd.bind(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.batch_size, mesh, jax.process_count())
   data = wd.prepare_data(config)
+  num_replayed = 0 if replayed is None else len(replayed)
   num_steps, num_examples = loader.train_length(
-      data.schema.split_sizes["train"] + replayed_examples, config.train.batch_size,
+      data.schema.split_sizes["train"] + num_replayed, config.train.batch_size,
       config.train.num_epochs, config.train.num_steps)
   tx = make_optimizer(config.optimizer, num_steps)
   graphdef, state, state_sh = create_train_state(data.schema, config, tx, mesh)
   catalog = feats.load_catalog(data, config.model.query_features, config.model.item_features)
+  if replayed is not None:
+    catalog = replay_lib.with_users(catalog, replayed.users)
   if config.data.id_registry:
     # The nightly lifecycle: each day's catalog differs a little from the day before's. Padded to
     # its side's ID-table rows (the registry's capacity, which grows in chunks of at least
@@ -240,12 +244,12 @@ def carry_over(config: ml_collections.ConfigDict, workdir: str, warm_start: Warm
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        hooks: Sequence[Hook] = (), warm_start: WarmStart | None = None,
-                       replayed: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+                       replayed: replay_lib.Replayed | None = None) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint in `workdir`, else from `warm_start` when given)
-  and writes train_summary.json. `replayed`: examples (loader.BATCH_KEYS columns, in this data's
-  indexing) trained on together with the training split (two_tower/replay.py)."""
-  num_replayed = 0 if replayed is None else len(replayed["user_index"])
-  s = setup_training(config, workdir, num_replayed)
+  and writes train_summary.json. `replayed`: examples trained on together with the training
+  split, in this data's indexing (two_tower/replay.py)."""
+  num_replayed = 0 if replayed is None else len(replayed)
+  s = setup_training(config, workdir, replayed)
   first_step = warm_start.step if warm_start is not None else 0
   last_step = first_step + s.num_steps
   cfg = config.train
