@@ -223,7 +223,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   n.min_growth = 0.25
   # Replay: each day also trains on a seeded sample (this share) of the training examples of the
   # finished days among the `replay_days` before it, read from their prepared data (examples whose
-  # user or item is not in today's catalog are dropped). train.num_epochs counts them. 0: none.
+  # item is not in today's catalog are dropped; a user idle today trains with its row of the
+  # earlier day's user tables). train.num_epochs counts them. 0: none.
   n.replay_days = 0
   n.replay_rate = 0.1
   # Bootstrap: the lifecycle's first `bootstrap_days` days each also train on every earlier day's
