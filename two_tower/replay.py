@@ -80,27 +80,26 @@ def sample_day(earlier: PreparedData, earlier_registry: Registry, today: Prepare
   absent = np.unique(earlier_user[user < 0])  # their rows of the earlier day's user tables
   user = np.where(user >= 0, user,
                   today.schema.num_users + np.searchsorted(absent, earlier_user))
-  maps = {vocab: row_map(earlier_registry, today_registry, vocab)
-          for vocab in set(table_vocabularies(earlier.schema).values())}
-  history = maps["item_id"][columns["history"][keep]]
+  schema = earlier.schema
+  user_tables = [f.name for f in schema.features if f.side == "user"]
+  # Today's row of each earlier row, per user-side table with a vocabulary (history included).
+  maps = {name: row_map(earlier_registry, today_registry, vocab)
+          for name, vocab in table_vocabularies(schema).items() if name in user_tables}
+  history = maps["history"][columns["history"][keep]]
   return Replayed(
       examples={"user_index": user.astype(np.int32), "item_index": item[keep].astype(np.int32),
                 "history": history.astype(np.int32), "weight": columns["weight"][keep]},
-      users=_user_rows(earlier, absent, maps))
+      users=_user_rows(earlier, user_tables, absent, maps))
 
 
-def _user_rows(earlier: PreparedData, rows: np.ndarray, maps: dict[str, np.ndarray]
-               ) -> dict[str, np.ndarray]:
-  """`rows` of the earlier day's user tables, their tokens in today's rows."""
-  vocabularies = table_vocabularies(earlier.schema)
+def _user_rows(earlier: PreparedData, names: list[str], rows: np.ndarray,
+               maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`rows` of the earlier day's user tables `names`, the tokens of those in `maps` in today's
+  rows."""
   out = {"raw_id": np.asarray(earlier.table("user", "raw_id"))[rows]}
-  for f in earlier.schema.features:
-    if f.side == "user":
-      table = np.asarray(earlier.table("user", f.name))
-      column = table[rows]
-      if f.name in vocabularies:
-        column = maps[vocabularies[f.name]][column].astype(table.dtype)
-      out[f.name] = column
+  for name in names:
+    column = np.asarray(earlier.table("user", name))[rows]
+    out[name] = maps[name][column].astype(column.dtype) if name in maps else column
   return out
 
 
